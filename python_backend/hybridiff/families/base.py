@@ -1,0 +1,184 @@
+"""What every model family (SDXL, SD3, ...) provides to the serving system.
+
+A family owns the model math: loading a diffusers checkpoint folder, encoding prompts, preparing
+latents and per-branch conditioning exactly as the diffusers pipeline does, one denoiser pass
+(whole, or one pipeline stage fed stale activations), and decoding. Everything else (the
+schedule, the loop, the Triton glue) is shared and family-agnostic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..schedule import HybridKnobs
+from ..stale import StageSplit, run_stage
+
+Conditioning = dict[str, torch.Tensor]  # one guidance branch's tensors, batch 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor on the wire between Triton models: name, rank, and whether it is model-dtype."""
+
+    name: str
+    rank: int
+    model_dtype: bool = True  # FP16 on GPU deployments, FP32 on CPU; else always FP32
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    knobs: HybridKnobs
+
+
+@dataclass(frozen=True)
+class DenoiseOutput:
+    eps: torch.Tensor | None  # noise (or velocity) prediction; None for a non-final stage
+    activations: dict[str, torch.Tensor]  # wire name -> tensor, for the other stages
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def images_to_uint8(image: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW decoder output to NHWC uint8, rounding as diffusers' ``output_type="pil"`` does."""
+    image = (image / 2 + 0.5).clamp(0, 1)
+    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    return (array * 255).round().astype("uint8")
+
+
+class Denoiser(ABC):
+    """One device's copy of the denoiser, runnable whole or as one stage of ``split``."""
+
+    split: StageSplit
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.device = device
+        self.dtype = dtype
+
+    @abstractmethod
+    def _forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> Any:
+        """Call the model exactly as the diffusers pipeline does; return its raw output tuple."""
+
+    @abstractmethod
+    def _bypass(self, name: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        """A cheap value of the right structure for a module whose value this stage never reads."""
+
+    @abstractmethod
+    def _pack(self, recorded: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Module outputs a stage exports -> tensors on the wire."""
+
+    @abstractmethod
+    def _unpack(self, wire: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Tensors on the wire -> the module outputs they stand for."""
+
+    @torch.inference_mode()
+    def run(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        stage: int | None = None,
+        stale: dict[str, torch.Tensor] | None = None,
+        capture_stage: int | None = None,
+    ) -> DenoiseOutput:
+        """One pass at the batch of ``cond`` (the latent is shared by every branch).
+
+        ``stage=None`` runs the whole model (``capture_stage`` also returns that stage's exports:
+        the pipeline warm-up); otherwise only stage ``stage`` computes, fed ``stale`` activations.
+        """
+        batch = next(iter(cond.values())).shape[0]
+        sample = sample.to(self.device, self.dtype).expand(batch, *sample.shape[1:])
+        timestep = timestep.to(self.device)
+        cond = {k: v.to(self.device, self.dtype) for k, v in cond.items()}
+        if stage is None and capture_stage is None:
+            return DenoiseOutput(self._forward(sample, timestep, cond)[0], {})
+        stale_modules = self._unpack({k: v.to(self.device, self.dtype) for k, v in (stale or {}).items()})
+        record = self.split.exports[capture_stage] if capture_stage is not None else ()
+        output, recorded = run_stage(
+            self.model,
+            lambda: self._forward(sample, timestep, cond),
+            self.split,
+            stage,
+            stale_modules,
+            self._bypass,
+            record,
+        )
+        eps = output[0] if output is not None else None
+        return DenoiseOutput(eps, self._pack(recorded))
+
+
+class TextEncoder(ABC):
+    @abstractmethod
+    def encode(self, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, torch.Tensor]:
+        """Prompts -> per-branch tensors named ``{UNCOND,COND}_{name}`` (batch = len(prompts))."""
+
+
+class Family(ABC):
+    """A model family: its names, wire tensors, defaults and loaders."""
+
+    name: str
+    defaults: FamilyDefaults
+    text_outputs: tuple[TensorSpec, ...]  # per-branch outputs of the text encoder
+    conditioning: tuple[TensorSpec, ...]  # per-branch inputs of the denoiser
+    activations: tuple[TensorSpec, ...]  # stale activations between stages
+    stage_exports: tuple[tuple[str, ...], ...]  # wire names of the activations each stage hands on
+    latent_rank: int = 4
+
+    def stage_imports(self, stage: int) -> tuple[str, ...]:
+        """Wire names of the stale activations stage ``stage`` reads (the other stages' exports)."""
+        return tuple(n for s, names in enumerate(self.stage_exports) if s != stage for n in names)
+
+    @abstractmethod
+    def load_text_encoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> TextEncoder: ...
+
+    @abstractmethod
+    def load_denoiser(self, folder: Path, device: torch.device, dtype: torch.dtype) -> Denoiser: ...
+
+    @abstractmethod
+    def load_decoder(self, folder: Path, device: torch.device, dtype: torch.dtype): ...
+
+    @abstractmethod
+    def load_sampler(self, folder: Path) -> Sampler: ...
+
+
+class Sampler(ABC):
+    """Orchestrator-side math: latents, timesteps, extra conditioning, scheduler steps.
+
+    Reads only configs from the checkpoint folder (no weights), so the orchestrator stays light.
+    """
+
+    latent_channels: int
+    vae_scale_factor: int
+
+    @abstractmethod
+    def new_scheduler(self, steps: int):
+        """A fresh scheduler with timesteps set (schedulers are stateful: one per image)."""
+
+    def prepare_latents(self, scheduler, seed: int, height: int, width: int) -> torch.Tensor:
+        """Initial noise drawn exactly as diffusers' ``prepare_latents`` draws it on the CPU."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+        return latents * scheduler.init_noise_sigma
+
+    def extra_conditioning(self, height: int, width: int) -> Conditioning:
+        """Conditioning the orchestrator adds to both branches (SDXL's time ids); none by default."""
+        return {}
+
+    def scale_model_input(self, scheduler, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return scheduler.scale_model_input(latents, timestep)
+
+    def step(self, scheduler, eps: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor):
+        return scheduler.step(eps, timestep, latents, return_dict=False)[0]

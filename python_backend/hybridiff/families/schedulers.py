@@ -1,0 +1,23 @@
+"""Schedulers from a checkpoint folder's ``scheduler/`` config, one fresh instance per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import diffusers
+
+
+def load_scheduler_config(folder: Path) -> tuple[type, dict]:
+    """The scheduler class the checkpoint names, and its config (read once per process)."""
+    config = diffusers.SchedulerMixin.load_config(folder, subfolder="scheduler")
+    scheduler_class = getattr(diffusers, config["_class_name"])
+    return scheduler_class, config
+
+
+def new_scheduler(scheduler_class: type, config: dict, steps: int):
+    """A scheduler with its timesteps set; schedulers keep a step index, so never share one."""
+    scheduler = scheduler_class.from_config(config)
+    scheduler.set_timesteps(steps, device="cpu")
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    return scheduler

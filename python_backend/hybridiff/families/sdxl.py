@@ -1,0 +1,198 @@
+"""Stable Diffusion XL: U-Net, two CLIP text encoders, text_time conditioning, DDIM/Euler.
+
+Mirrors ``diffusers.StableDiffusionXLPipeline`` step for step (prompt encoding, time ids, latents,
+UNet call, decoding) so that ``serial`` mode reproduces it, and names the 2-stage split of the
+paper: stage 0 = down_blocks[2], mid_block, up_blocks[0] resnets/attentions 0-1 (the middle);
+stage 1 = everything else (head and tail, which keep their skip connections on one device).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D
+
+from ..schedule import COND, UNCOND, HybridKnobs
+from ..stale import StageSplit
+from .base import (
+    Conditioning,
+    Denoiser,
+    Family,
+    FamilyDefaults,
+    Sampler,
+    TensorSpec,
+    TextEncoder,
+    images_to_uint8,
+)
+from .schedulers import load_scheduler_config, new_scheduler
+
+
+def sdxl_split(unet: UNet2DConditionModel) -> StageSplit:
+    """The paper's 2-stage split, in execution order, for a UNet of SDXL's block layout."""
+    n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
+    middle = [f"down_blocks.{n_down - 1}", "mid_block"]
+    up0 = unet.up_blocks[0]
+    for i in range(len(up0.resnets) - 1):
+        middle.append(f"up_blocks.0.resnets.{i}")
+        middle.append(f"up_blocks.0.attentions.{i}")
+    last = len(up0.resnets) - 1
+    head = ["conv_in", *[f"down_blocks.{i}" for i in range(n_down - 1)]]
+    tail = [f"up_blocks.0.resnets.{last}", f"up_blocks.0.attentions.{last}"]
+    if up0.upsamplers is not None:
+        tail.append("up_blocks.0.upsamplers")
+    tail += [f"up_blocks.{i}" for i in range(1, n_up)] + ["conv_norm_out", "conv_out"]
+    return StageSplit(
+        owned=(tuple(middle), tuple(head + tail)),
+        exports=((middle[-1],), (head[-1],)),
+        output_stage=1,
+    )
+
+
+class SDXLDenoiser(Denoiser):
+    def __init__(self, unet: UNet2DConditionModel, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(unet, device, dtype)
+        self.split = sdxl_split(unet)
+        self._head_export = self.split.exports[1][0]
+        self._middle_export = self.split.exports[0][0]
+        modules = dict(unet.named_modules())
+        head_block = modules[self._head_export]
+        self._head_skips = len(head_block.resnets) + (1 if head_block.downsamplers is not None else 0)
+
+    def _forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> Any:
+        return self.model(
+            sample,
+            timestep,
+            encoder_hidden_states=cond["PROMPT_EMBEDS"],
+            timestep_cond=None,
+            added_cond_kwargs={"text_embeds": cond["TEXT_EMBEDS"], "time_ids": cond["TIME_IDS"]},
+            return_dict=False,
+        )
+
+    def _bypass(self, name: str, module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if isinstance(module, (DownBlock2D, CrossAttnDownBlock2D)):
+            # The skip tuple's length matters (up blocks slice it by count), its values do not.
+            skips = len(module.resnets) + (1 if module.downsamplers is not None else 0)
+            return hidden, (hidden,) * skips
+        if name.startswith("up_blocks.0.attentions."):
+            return (hidden,)
+        return hidden
+
+    def _pack(self, recorded: dict[str, Any]) -> dict[str, torch.Tensor]:
+        wire = {}
+        if self._middle_export in recorded:
+            wire["MIDDLE_ACT"] = recorded[self._middle_export][0].contiguous()
+        if self._head_export in recorded:
+            # Only the hidden states cross; the head block's skips stay with the head stage.
+            wire["HEAD_ACT"] = recorded[self._head_export][0].contiguous()
+        return wire
+
+    def _unpack(self, wire: dict[str, torch.Tensor]) -> dict[str, Any]:
+        stale: dict[str, Any] = {}
+        if "MIDDLE_ACT" in wire:
+            stale[self._middle_export] = (wire["MIDDLE_ACT"],)
+        if "HEAD_ACT" in wire:
+            head = wire["HEAD_ACT"]
+            stale[self._head_export] = (head, (head,) * self._head_skips)
+        return stale
+
+
+class SDXLTextEncoder(TextEncoder):
+    """Both CLIP encoders through diffusers' own ``encode_prompt`` (so embeddings match exactly)."""
+
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
+        self.pipe = StableDiffusionXLPipeline.from_pretrained(
+            folder, unet=None, vae=None, scheduler=None, torch_dtype=dtype
+        ).to(device)
+        self.device = device
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, torch.Tensor]:
+        embeds, neg_embeds, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=prompts,
+            device=self.device,
+            do_classifier_free_guidance=True,
+            negative_prompt=negative_prompts,
+        )
+        return {
+            f"{COND}_PROMPT_EMBEDS": embeds,
+            f"{COND}_TEXT_EMBEDS": pooled,
+            f"{UNCOND}_PROMPT_EMBEDS": neg_embeds,
+            f"{UNCOND}_TEXT_EMBEDS": neg_pooled,
+        }
+
+
+class SDXLSampler(Sampler):
+    def __init__(self, folder: Path) -> None:
+        unet_config = UNet2DConditionModel.load_config(folder, subfolder="unet")
+        vae_config = AutoencoderKL.load_config(folder, subfolder="vae")
+        self.latent_channels = unet_config["in_channels"]
+        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.scheduler_class, self.scheduler_config = load_scheduler_config(folder)
+
+    def new_scheduler(self, steps: int):
+        return new_scheduler(self.scheduler_class, self.scheduler_config, steps)
+
+    def extra_conditioning(self, height: int, width: int) -> Conditioning:
+        # original_size + crops_coords_top_left + target_size, as diffusers' defaults make them.
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+        return {"TIME_IDS": time_ids}
+
+    def step(self, scheduler, eps: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor):
+        # eta=0 is what StableDiffusionXLPipeline passes to DDIM.
+        kwargs = {"eta": 0.0} if "eta" in scheduler.step.__code__.co_varnames else {}
+        return scheduler.step(eps, timestep, latents, **kwargs, return_dict=False)[0]
+
+
+class SDXLDecoder:
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
+        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        # fp16 SDXL VAEs overflow: diffusers upcasts when the config says so; we do the same.
+        if dtype == torch.float16 and self.vae.config.force_upcast:
+            self.vae.to(torch.float32)
+        self.device = device
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        vae = self.vae
+        latents = latents.to(self.device, vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std_t / vae.config.scaling_factor + mean_t
+        else:
+            latents = latents / vae.config.scaling_factor
+        return images_to_uint8(vae.decode(latents, return_dict=False)[0])
+
+
+class SDXLFamily(Family):
+    name = "sdxl"
+    defaults = FamilyDefaults(
+        steps=50,
+        guidance_scale=5.0,
+        height=512,
+        width=512,
+        knobs=HybridKnobs(window=12, eps_slope=0.4e-3, k=5, tau_cap=15),
+    )
+    text_outputs = (TensorSpec("PROMPT_EMBEDS", 3), TensorSpec("TEXT_EMBEDS", 2))
+    conditioning = (*text_outputs, TensorSpec("TIME_IDS", 2))
+    activations = (TensorSpec("MIDDLE_ACT", 4), TensorSpec("HEAD_ACT", 4))
+    stage_exports = (("MIDDLE_ACT",), ("HEAD_ACT",))
+
+    def load_text_encoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> SDXLTextEncoder:
+        return SDXLTextEncoder(folder, device, dtype)
+
+    def load_denoiser(self, folder: Path, device: torch.device, dtype: torch.dtype) -> SDXLDenoiser:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+        return SDXLDenoiser(unet, device, dtype)
+
+    def load_decoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> SDXLDecoder:
+        return SDXLDecoder(folder, device, dtype)
+
+    def load_sampler(self, folder: Path) -> SDXLSampler:
+        return SDXLSampler(folder)

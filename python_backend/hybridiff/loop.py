@@ -1,0 +1,172 @@
+"""The denoising loop: one loop for every mode, on any transport.
+
+Each step it asks the :class:`GuidanceSchedule` what to run, sends the work to the devices
+through a :class:`Transport` (in-process in tests, BLS inside the Triton orchestrator), combines
+guidance, takes the scheduler step in one place and carries the stale activations between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .families.base import Conditioning, DenoiseOutput, Denoiser, Family, Sampler
+from .schedule import COND, UNCOND, GuidanceSchedule, HybridKnobs, Mode, rel_mae
+
+
+@dataclass(frozen=True)
+class DenoiseTask:
+    """What one device is asked to run for one step (the denoiser models are stateless)."""
+
+    sample: torch.Tensor  # the scaled latent, batch 1: shared by every branch
+    timestep: torch.Tensor
+    cond: Conditioning  # batch = number of branches, in (uncond, cond) order
+    stage: int | None
+    stale: dict[str, torch.Tensor]
+    capture_stage: int | None
+    want_eps: bool
+
+    def nbytes(self) -> int:
+        tensors = [self.sample, self.timestep, *self.cond.values(), *self.stale.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Transport(Protocol):
+    """Runs a :class:`DenoiseTask` on a device; the loop awaits several at once."""
+
+    num_devices: int
+
+    async def denoise(self, device: int, task: DenoiseTask) -> DenoiseOutput: ...
+
+
+class InProcessTransport:
+    """Denoisers in this process. ``threaded`` runs devices in threads (torch frees the GIL)."""
+
+    def __init__(self, denoisers: Sequence[Denoiser], threaded: bool = False) -> None:
+        self.denoisers = list(denoisers)
+        self.num_devices = len(self.denoisers)
+        self.threaded = threaded
+
+    async def denoise(self, device: int, task: DenoiseTask) -> DenoiseOutput:
+        def run() -> DenoiseOutput:
+            return self.denoisers[device].run(
+                task.sample, task.timestep, task.cond, task.stage, task.stale, task.capture_stage
+            )
+
+        return await asyncio.to_thread(run) if self.threaded else run()
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image's parameters, already validated (see ``params.py``)."""
+
+    seed: int
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    mode: Mode
+    knobs: HybridKnobs
+    device: int = 0  # where single-device steps run
+
+
+@dataclass
+class LoopReport:
+    """What the response tells about the run: the schedule, time per phase, bytes moved."""
+
+    schedule: dict
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    loop_seconds: float = 0.0
+    bytes_to_devices: int = 0
+    bytes_from_devices: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            **self.schedule,
+            "phase_seconds": {k: round(v, 6) for k, v in self.phase_seconds.items()},
+            "loop_seconds": round(self.loop_seconds, 6),
+            "bytes_to_devices": self.bytes_to_devices,
+            "bytes_from_devices": self.bytes_from_devices,
+        }
+
+
+def _output_nbytes(output: DenoiseOutput) -> int:
+    tensors = ([output.eps] if output.eps is not None else []) + list(output.activations.values())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+async def denoise_image(
+    family: Family,
+    sampler: Sampler,
+    transport: Transport,
+    branch_cond: dict[str, Conditioning],
+    request: ImageRequest,
+) -> tuple[torch.Tensor, LoopReport]:
+    """Run the whole denoising loop for one image; returns the final latents and the report.
+
+    ``branch_cond`` maps ``uncond``/``cond`` to that branch's text conditioning (batch 1).
+    """
+    started = time.perf_counter()
+    schedule = GuidanceSchedule(
+        mode=request.mode,
+        steps=request.steps,
+        knobs=request.knobs,
+        guidance=request.guidance_scale > 1.0,
+        device=request.device,
+        devices=transport.num_devices,
+    )
+    scheduler = sampler.new_scheduler(request.steps)
+    latents = sampler.prepare_latents(scheduler, request.seed, request.height, request.width)
+    extra = sampler.extra_conditioning(request.height, request.width)
+    cond = {branch: {**tensors, **extra} for branch, tensors in branch_cond.items()}
+    stale: dict[str, torch.Tensor] = {}
+    report = LoopReport(schedule={})
+
+    for step, timestep in enumerate(scheduler.timesteps):
+        step_started = time.perf_counter()
+        plan = schedule.plan(step)
+        model_input = sampler.scale_model_input(scheduler, latents, timestep)
+        eps_devices = {a.device for a in plan.eps_assignments}
+        tasks = []
+        for a in plan.assignments:
+            tasks.append(
+                DenoiseTask(
+                    sample=model_input,
+                    timestep=timestep.reshape(1).to(torch.float32),
+                    cond={name: torch.cat([cond[b][name] for b in a.branches]) for name in cond[a.branches[0]]},
+                    stage=a.stage,
+                    stale={n: stale[n] for n in family.stage_imports(a.stage)} if a.stage is not None else {},
+                    capture_stage=a.capture_stage,
+                    want_eps=a.device in eps_devices,
+                )
+            )
+        outputs = await asyncio.gather(*(transport.denoise(a.device, t) for a, t in zip(plan.assignments, tasks)))
+        report.bytes_to_devices += sum(t.nbytes() for t in tasks)
+        report.bytes_from_devices += sum(_output_nbytes(o) for o in outputs)
+
+        eps: dict[str, torch.Tensor] = {}
+        for a, out in zip(plan.assignments, outputs):
+            stale.update(out.activations)
+            if a.device in eps_devices:
+                for branch, branch_eps in zip(a.branches, out.eps.float().chunk(len(a.branches))):
+                    eps.setdefault(branch, branch_eps)
+        if UNCOND in eps:
+            eps_u, eps_c = eps[UNCOND], eps[COND]
+            diff = eps_c - eps_u
+            guided = eps_u + request.guidance_scale * diff
+            step_rel_mae = rel_mae(diff.abs().mean().item(), eps_u.abs().mean().item())
+        else:
+            guided, step_rel_mae = eps[COND], None
+        schedule.observe(step, step_rel_mae)
+        latents = sampler.step(scheduler, guided, timestep, latents)
+        phase = plan.phase.value
+        report.phase_seconds[phase] = report.phase_seconds.get(phase, 0.0) + time.perf_counter() - step_started
+
+    report.schedule = schedule.summary()
+    report.loop_seconds = time.perf_counter() - started
+    return latents, report

@@ -1,0 +1,218 @@
+"""The guidance schedule: which work each denoising step runs, and where.
+
+This is policy only. It knows nothing of torch, Triton or threads: it takes the mode, the
+knobs and the rel-MAE values observed so far, and answers with a :class:`StepPlan`. The
+denoising loop (``loop.py``) carries the plan out. Keeping it pure makes every branch of the
+Hybridiff schedule (tau detection, the tau_cap fallback, clamping at the last step) testable on
+hand-written curves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+UNCOND = "uncond"
+COND = "cond"
+
+
+class Mode(str, Enum):
+    """Parallel modes a request may ask for."""
+
+    SERIAL = "serial"  # one device, batch-2 CFG: the baseline diffusers computes
+    CFG_PARALLEL = "cfg_parallel"  # condition-based partitioning every step
+    PIPELINE = "pipeline"  # AsyncDiff stale-activation pipeline, CFG batch inside each stage
+    HYBRID = "hybrid"  # Hybridiff: partitioning, pipeline in (tau1, tau2], partitioning
+
+
+class Phase(str, Enum):
+    """What one step runs; reported per step so users see the schedule that was used."""
+
+    SERIAL = "serial"  # whole denoiser on one device, all branches in one batch
+    PARTITION = "partition"  # whole denoiser, one branch per device
+    WARMUP = "warmup"  # whole denoiser per device, also recording stage outputs for the pipeline
+    PIPELINE = "pipeline"  # one stage per device, fed stale activations of the previous step
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One device's share of a step: which guidance branches, and which stage (None = whole)."""
+
+    device: int
+    branches: tuple[str, ...]
+    stage: int | None = None
+    capture_stage: int | None = None  # whole pass that also returns this stage's outputs (warm-up)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step: int
+    phase: Phase
+    assignments: tuple[Assignment, ...]
+
+    @property
+    def eps_assignments(self) -> tuple[Assignment, ...]:
+        """The devices whose output is a noise prediction: in a pipeline, the last stage's only."""
+        if self.phase is Phase.PIPELINE:
+            last = max(a.stage for a in self.assignments if a.stage is not None)
+            return tuple(a for a in self.assignments if a.stage == last)
+        return self.assignments
+
+
+@dataclass(frozen=True)
+class HybridKnobs:
+    """The Hybridiff schedule knobs (paper notation)."""
+
+    window: int  # L: rel-MAE values the slope is taken over
+    eps_slope: float  # a slope in [0, eps_slope) marks tau1
+    k: int  # pipeline steps after tau1
+    tau_cap: int  # tau1 if no slope qualifies before it
+    pipeline_warmup: int = 1  # `pipeline` mode: whole-model steps before stale activations exist
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and its allowed range."""
+        if self.window < 1:
+            raise ValueError(f"slope_window (L) must be >= 1, got {self.window}")
+        if not self.eps_slope >= 0:
+            raise ValueError(f"eps_slope must be >= 0, got {self.eps_slope}")
+        if self.k < 0:
+            raise ValueError(f"k must be >= 0, got {self.k}")
+        if self.tau_cap < 0:
+            raise ValueError(f"tau_cap must be >= 0, got {self.tau_cap}")
+        if self.pipeline_warmup < 1:
+            raise ValueError(f"pipeline_warmup must be >= 1, got {self.pipeline_warmup}")
+
+
+def rel_mae(mean_abs_diff: float, mean_abs_uncond: float) -> float:
+    """mean|eps_c - eps_u| / mean|eps_u|: how far the two guidance branches still disagree."""
+    return mean_abs_diff / (mean_abs_uncond + 1e-12)
+
+
+def detect_tau1(curve: list[float], knobs: HybridKnobs) -> int | None:
+    """The step index at which the slope test first holds on ``curve`` (rel-MAE per step), or None.
+
+    Once more than L values are logged, slope = (m[-L] - m[-1]) / L; tau1 is the first step t
+    with 0 <= slope < eps_slope, i.e. the discrepancy has stopped falling fast.
+    """
+    window = knobs.window
+    for t in range(window, len(curve)):
+        slope = (curve[t - window + 1] - curve[t]) / window
+        if 0.0 <= slope < knobs.eps_slope:
+            return t
+    return None
+
+
+@dataclass
+class GuidanceSchedule:
+    """The schedule of one image: call :meth:`plan` for step t, run it, then :meth:`observe`.
+
+    ``device`` is where single-device steps run (the load-aware choice belongs to the caller).
+    ``devices`` is how many devices parallel modes may use (2 in the paper).
+    """
+
+    mode: Mode
+    steps: int
+    knobs: HybridKnobs
+    guidance: bool  # classifier-free guidance on (guidance_scale > 1)
+    device: int = 0
+    devices: int = 2
+    rel_mae_curve: list[float | None] = field(default_factory=list)
+    tau1: int | None = None
+    tau_source: str | None = None  # "slope" or "tau_cap"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        self.knobs.validate()
+
+    @property
+    def effective_mode(self) -> Mode:
+        """The mode actually run: without guidance there is nothing to partition by condition."""
+        if self.devices < 2:
+            return Mode.SERIAL
+        if not self.guidance and self.mode in (Mode.CFG_PARALLEL, Mode.HYBRID):
+            return Mode.SERIAL
+        return self.mode
+
+    @property
+    def tau2(self) -> int | None:
+        """tau1 + k, clamped to the last step (the reference code raises instead)."""
+        if self.tau1 is None:
+            return None
+        return min(self.tau1 + self.knobs.k, self.steps - 1)
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return (UNCOND, COND) if self.guidance else (COND,)
+
+    def phase(self, step: int) -> Phase:
+        mode = self.effective_mode
+        if mode is Mode.SERIAL:
+            return Phase.SERIAL
+        if mode is Mode.CFG_PARALLEL:
+            return Phase.PARTITION
+        if mode is Mode.PIPELINE:
+            return Phase.WARMUP if step < self.knobs.pipeline_warmup else Phase.PIPELINE
+        # hybrid: pipeline in (tau1, tau2]; its first step records the stage outputs it will
+        # need, since no stale activation exists yet.
+        if self.tau1 is None or self.knobs.k == 0 or step <= self.tau1 or step > self.tau2:
+            return Phase.PARTITION
+        return Phase.WARMUP if step == self.tau1 + 1 else Phase.PIPELINE
+
+    def plan(self, step: int) -> StepPlan:
+        if not 0 <= step < self.steps:
+            raise IndexError(f"step {step} outside 0..{self.steps - 1}")
+        phase = self.phase(step)
+        mode = self.effective_mode
+        if phase is Phase.SERIAL:
+            assignments = (Assignment(self.device, self.branches),)
+        elif phase is Phase.PARTITION:
+            assignments = (Assignment(0, (UNCOND,)), Assignment(1, (COND,)))
+        elif mode is Mode.PIPELINE:
+            # AsyncDiff: every device holds the full CFG batch; warm-up runs the whole model.
+            staged = phase is Phase.PIPELINE
+            assignments = tuple(
+                Assignment(d, self.branches, stage=d if staged else None, capture_stage=None if staged else d)
+                for d in range(2)
+            )
+        elif phase is Phase.WARMUP:
+            assignments = (
+                Assignment(0, (UNCOND,), capture_stage=0),
+                Assignment(1, (COND,), capture_stage=1),
+            )
+        else:
+            # Hybridiff pipeline: device 0 runs the middle stage on the unconditional text, device 1
+            # head and tail on the conditional text; device 1's output is used without guidance.
+            assignments = (Assignment(0, (UNCOND,), stage=0), Assignment(1, (COND,), stage=1))
+        return StepPlan(step, phase, assignments)
+
+    def observe(self, step: int, rel_mae_value: float | None) -> None:
+        """Record step ``step``'s rel-MAE (None when the step had no unconditional branch)."""
+        if step != len(self.rel_mae_curve):
+            raise ValueError(f"observe() expects step {len(self.rel_mae_curve)}, got {step}")
+        self.rel_mae_curve.append(rel_mae_value)
+        if self.effective_mode is not Mode.HYBRID or self.tau1 is not None:
+            return
+        measured = [m for m in self.rel_mae_curve if m is not None]
+        if len(measured) == len(self.rel_mae_curve):
+            detected = detect_tau1(measured, self.knobs)
+            if detected is not None:
+                self.tau1, self.tau_source = detected, "slope"
+                return
+        if step >= self.knobs.tau_cap - 1:
+            self.tau1, self.tau_source = self.knobs.tau_cap, "tau_cap"
+
+    def summary(self) -> dict:
+        """What the response reports about the schedule that ran."""
+        phases = [self.phase(t).value for t in range(len(self.rel_mae_curve))]
+        return {
+            "mode_requested": self.mode.value,
+            "mode_run": self.effective_mode.value,
+            "guidance": self.guidance,
+            "tau1": self.tau1,
+            "tau2": self.tau2,
+            "tau_source": self.tau_source,
+            "phases": phases,
+            "phase_steps": {p.value: phases.count(p.value) for p in Phase if p.value in phases},
+            "rel_mae": self.rel_mae_curve,
+        }
