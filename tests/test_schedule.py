@@ -1,6 +1,7 @@
 """The guidance schedule on hand-written rel-MAE curves: no torch, no Triton."""
 
 import pytest
+
 from hybridiff.schedule import (
     COND,
     UNCOND,

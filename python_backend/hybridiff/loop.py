@@ -145,15 +145,17 @@ async def denoise_image(
                     want_eps=a.device in eps_devices,
                 )
             )
-        outputs = await asyncio.gather(*(transport.denoise(a.device, t) for a, t in zip(plan.assignments, tasks)))
+        outputs = await asyncio.gather(
+            *(transport.denoise(a.device, task) for a, task in zip(plan.assignments, tasks, strict=True))
+        )
         report.bytes_to_devices += sum(t.nbytes() for t in tasks)
         report.bytes_from_devices += sum(_output_nbytes(o) for o in outputs)
 
         eps: dict[str, torch.Tensor] = {}
-        for a, out in zip(plan.assignments, outputs):
+        for a, out in zip(plan.assignments, outputs, strict=True):
             stale.update(out.activations)
             if a.device in eps_devices:
-                for branch, branch_eps in zip(a.branches, out.eps.float().chunk(len(a.branches))):
+                for branch, branch_eps in zip(a.branches, out.eps.float().chunk(len(a.branches)), strict=True):
                     eps.setdefault(branch, branch_eps)
         if UNCOND in eps:
             eps_u, eps_c = eps[UNCOND], eps[COND]

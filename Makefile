@@ -1,0 +1,60 @@
+# The two commands a new user runs: `make serve` and `make test`. Everything else they need is
+# set up on the way (virtual environment, packages, the built-in checkpoints, the repository).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SIZE ?= small
+DEVICES ?= 2
+KIND ?= cpu
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+PROTOCOL ?= http
+MODE ?= hybrid
+FAMILY ?= sdxl
+PROMPT ?= a lighthouse on a cliff at sunset, oil painting
+OUT ?= out/image.png
+export HF_HUB_OFFLINE := 1
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup serve test test-fast generate repository checkpoints lint clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+checkpoints/sdxl-%/model_index.json: | setup
+	$(PY) -m export.build_checkpoint --family sdxl --size $* --out checkpoints/sdxl-$*
+
+checkpoints: checkpoints/sdxl-$(SIZE)/model_index.json
+
+# The served repository: SIZE=small on DEVICES=2 CPU cores by default (KIND=gpu for GPUs).
+repository: checkpoints
+	$(PY) -m export.make_repository --out model_repository --model sdxl=checkpoints/sdxl-$(SIZE) \
+		--devices $(DEVICES) --kind $(KIND)
+
+serve: repository
+	$(PY) -m hybridiff.tritonserver --model-repository model_repository \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not server"
+
+generate: setup
+	$(PY) -m client.generate --family $(FAMILY) --prompt "$(PROMPT)" --mode $(MODE) \
+		--protocol $(PROTOCOL) --out $(OUT)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build out .pytest_cache

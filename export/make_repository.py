@@ -1,0 +1,239 @@
+"""Write a Triton model repository for N devices, CPU or GPU, for one or more model families.
+
+    python -m export.make_repository --model sdxl=checkpoints/sdxl-small --devices 2 --kind cpu
+
+Per family it writes ``<family>_text_encoder``, ``<family>_denoiser_<i>`` (one per device),
+``<family>_vae``, ``<family>_orchestrator`` (BLS) and the public ensemble ``<family>``. Every
+``model.py`` is a one-line import of the logic in ``hybridiff.triton``; configs come from the
+family's tensor specs, so the repository is reproducible from this one command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hybridiff.families import get_family
+from hybridiff.families.base import Family, TensorSpec
+from hybridiff.params import PARAMETERS, Limits
+from hybridiff.schedule import COND, UNCOND
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How the models are placed: ``devices`` denoisers, on CPU cores or GPUs."""
+
+    devices: int = 2
+    kind: str = "cpu"  # "cpu" or "gpu"
+    orchestrator_instances: int = 2
+    limits: Limits = Limits()
+
+    @property
+    def dtype(self) -> str:
+        return "float16" if self.kind == "gpu" else "float32"
+
+    @property
+    def wire_type(self) -> str:
+        return "TYPE_FP16" if self.kind == "gpu" else "TYPE_FP32"
+
+
+def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> str:
+    opt = " optional: true" if optional else ""
+    return f'  {{ name: "{name}" data_type: {data_type} dims: [ {", ".join(map(str, dims))} ]{opt} }}'
+
+
+def _spec(spec: TensorSpec, deployment: Deployment, prefix: str = "", optional: bool = False) -> str:
+    data_type = deployment.wire_type if spec.model_dtype else "TYPE_FP32"
+    return _tensor(prefix + spec.name, data_type, [-1] * spec.rank, optional)
+
+
+def _parameters(values: dict[str, str]) -> str:
+    items = "\n".join(f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items())
+    return f"parameters [\n{items}\n]\n"
+
+
+def _instances(deployment: Deployment, device: int, count: int = 1, cpu_only: bool = False) -> str:
+    if deployment.kind == "gpu" and not cpu_only:
+        return f"instance_group [ {{ count: {count} kind: KIND_GPU gpus: [ {device} ] }} ]\n"
+    return f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]\n"
+
+
+def _config(name: str, inputs: list[str], outputs: list[str], rest: str, backend: bool = True) -> str:
+    head = f'name: "{name}"\n' + ('backend: "python"\n' if backend else 'platform: "ensemble"\n')
+    return (
+        head
+        + "max_batch_size: 0\n"
+        + "input [\n"
+        + ",\n".join(inputs)
+        + "\n]\noutput [\n"
+        + ",\n".join(outputs)
+        + "\n]\n"
+        + rest
+    )
+
+
+def _branch_outputs(family: Family, deployment: Deployment) -> list[str]:
+    return [_spec(s, deployment, f"{b}_") for b in (UNCOND, COND) for s in family.text_outputs]
+
+
+def _scalar_inputs() -> list[str]:
+    kinds = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "FP64": "TYPE_FP64"}
+    return [
+        _tensor(name, kinds[kind], [-1], optional=name != "PROMPT")
+        for name, (kind, _) in PARAMETERS.items()
+        if "PROMPT" not in name
+    ]
+
+
+def family_models(family: Family, checkpoint: str, deployment: Deployment) -> dict[str, tuple[str, str | None]]:
+    """Model name -> (config.pbtxt, the hybridiff.triton module its model.py imports)."""
+    name = family.name
+    limits = deployment.limits
+    common = {"family": name, "checkpoint": checkpoint, "dtype": deployment.dtype}
+    denoisers = [f"{name}_denoiser_{i}" for i in range(deployment.devices)]
+    models: dict[str, tuple[str, str | None]] = {}
+    prompts = [_tensor("PROMPT", "TYPE_STRING", [-1]), _tensor("NEGATIVE_PROMPT", "TYPE_STRING", [-1], True)]
+
+    models[f"{name}_text_encoder"] = (
+        _config(
+            f"{name}_text_encoder",
+            prompts,
+            _branch_outputs(family, deployment),
+            _instances(deployment, 0) + _parameters({**common, "max_batch": str(limits.max_batch)}),
+        ),
+        "text_encoder",
+    )
+    for i, model_name in enumerate(denoisers):
+        inputs = [
+            _tensor("SAMPLE", "TYPE_FP32", [-1] * family.latent_rank),
+            _tensor("TIMESTEP", "TYPE_FP32", [1]),
+            _tensor("STAGE", "TYPE_INT32", [1]),
+            _tensor("CAPTURE_STAGE", "TYPE_INT32", [1]),
+            *[_spec(s, deployment) for s in family.conditioning],
+            *[_spec(s, deployment, optional=True) for s in family.activations],
+        ]
+        outputs = [_tensor("EPS", deployment.wire_type, [-1] * family.latent_rank)]
+        outputs += [_spec(s, deployment) for s in family.activations]
+        params = {**common, "cpu_cores": str(i), "torch_threads": "1"}
+        models[model_name] = (
+            _config(model_name, inputs, outputs, _instances(deployment, i) + _parameters(params)),
+            "denoiser",
+        )
+    models[f"{name}_vae"] = (
+        _config(
+            f"{name}_vae",
+            [_tensor("LATENTS", "TYPE_FP32", [-1, -1, -1, -1])],
+            [_tensor("IMAGE", "TYPE_UINT8", [-1, -1, -1, 3])],
+            _instances(deployment, deployment.devices - 1) + _parameters(common),
+        ),
+        "vae",
+    )
+    orchestrator_params = {
+        **common,
+        "denoisers": ",".join(denoisers),
+        "max_height": str(limits.max_height),
+        "max_width": str(limits.max_width),
+        "max_steps": str(limits.max_steps),
+        "max_batch": str(limits.max_batch),
+        "bls_memory": "gpu" if deployment.kind == "gpu" else "cpu",
+    }
+    models[f"{name}_orchestrator"] = (
+        _config(
+            f"{name}_orchestrator",
+            _branch_outputs(family, deployment) + _scalar_inputs(),
+            [_tensor("LATENTS", "TYPE_FP32", [-1, -1, -1, -1]), _tensor("SCHEDULE", "TYPE_STRING", [-1])],
+            _instances(deployment, 0, deployment.orchestrator_instances, cpu_only=True)
+            + _parameters(orchestrator_params),
+        ),
+        "orchestrator",
+    )
+    models[name] = (_ensemble(family, deployment), None)
+    return models
+
+
+def _ensemble(family: Family, deployment: Deployment) -> str:
+    name = family.name
+    branch_names = [f"{b}_{s.name}" for b in (UNCOND, COND) for s in family.text_outputs]
+    scalar_names = [n for n in PARAMETERS if "PROMPT" not in n]
+
+    def maps(kind: str, names: list[str]) -> str:
+        return "\n".join(f'      {kind} {{ key: "{n}" value: "{n}" }}' for n in names)
+
+    steps = [
+        (f"{name}_text_encoder", maps("input_map", ["PROMPT", "NEGATIVE_PROMPT"]), maps("output_map", branch_names)),
+        (
+            f"{name}_orchestrator",
+            maps("input_map", branch_names + scalar_names),
+            maps("output_map", ["LATENTS", "SCHEDULE"]),
+        ),
+        (f"{name}_vae", maps("input_map", ["LATENTS"]), maps("output_map", ["IMAGE"])),
+    ]
+    body = ",\n".join(
+        f'    {{\n      model_name: "{m}"\n      model_version: -1\n{i}\n{o}\n    }}' for m, i, o in steps
+    )
+    inputs = [_tensor("PROMPT", "TYPE_STRING", [-1]), _tensor("NEGATIVE_PROMPT", "TYPE_STRING", [-1], True)]
+    inputs += _scalar_inputs()
+    outputs = [_tensor("IMAGE", "TYPE_UINT8", [-1, -1, -1, 3]), _tensor("SCHEDULE", "TYPE_STRING", [-1])]
+    return _config(name, inputs, outputs, f"ensemble_scheduling {{\n  step [\n{body}\n  ]\n}}\n", backend=False)
+
+
+MODEL_PY = '''"""Generated by export/make_repository.py; the logic lives in hybridiff.triton.{module}."""
+
+from hybridiff.triton.{module} import TritonPythonModel  # noqa: F401
+'''
+
+
+def write_repository(out: Path, checkpoints: dict[str, Path], deployment: Deployment) -> Path:
+    """Write the repository to ``out``, replacing what was there (atomically, via a temp dir)."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".repo-", dir=out.parent))
+    for family_name, checkpoint in checkpoints.items():
+        family = get_family(family_name)
+        # Relative to the repository, so the repository and checkpoints move together.
+        relative = os.path.relpath(Path(checkpoint).resolve(), out)
+        for model_name, (config, module) in family_models(family, relative, deployment).items():
+            model_dir = staging / model_name
+            (model_dir / "1").mkdir(parents=True)
+            (model_dir / "config.pbtxt").write_text(config)
+            if module is not None:
+                (model_dir / "1" / "model.py").write_text(MODEL_PY.format(module=module))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="model_repository", type=Path)
+    parser.add_argument(
+        "--model", action="append", required=True, metavar="FAMILY=CHECKPOINT",
+        help="a family and its diffusers checkpoint folder; repeat to host several families",
+    )
+    parser.add_argument("--devices", type=int, default=2, help="denoiser devices (one model each)")
+    parser.add_argument("--kind", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--orchestrator-instances", type=int, default=2)
+    parser.add_argument("--max-height", type=int, default=Limits.max_height)
+    parser.add_argument("--max-width", type=int, default=Limits.max_width)
+    parser.add_argument("--max-steps", type=int, default=Limits.max_steps)
+    args = parser.parse_args(argv)
+    if args.devices < 1:
+        parser.error("--devices must be >= 1")
+    checkpoints = dict(item.split("=", 1) for item in args.model)
+    deployment = Deployment(
+        devices=args.devices,
+        kind=args.kind,
+        orchestrator_instances=args.orchestrator_instances,
+        limits=Limits(max_height=args.max_height, max_width=args.max_width, max_steps=args.max_steps),
+    )
+    out = write_repository(args.out, {k: Path(v) for k, v in checkpoints.items()}, deployment)
+    print(f"wrote {out} for {', '.join(checkpoints)} on {args.devices} {args.kind} device(s)")
+
+
+if __name__ == "__main__":
+    main()

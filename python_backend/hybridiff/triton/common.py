@@ -1,0 +1,123 @@
+"""Glue shared by the Triton Python-backend models: config, placement, tensors, errors.
+
+Imported only inside the Triton stub (``triton_python_backend_utils`` exists nowhere else), except
+for the plain helpers at the top, which tests use directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..families.base import torch_dtype
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model instance computes: the torch device, its dtype, and (on CPU) its cores."""
+
+    device: torch.device
+    dtype: torch.dtype
+    cpu_cores: tuple[int, ...] | None
+
+    def apply(self, threads: int) -> None:
+        """Pin this stub process before torch starts its thread pool."""
+        if self.cpu_cores is not None and hasattr(os, "sched_setaffinity"):
+            # Core i of the config is the i-th core this process may use (wrapping around), so
+            # one repository serves machines with any core count.
+            available = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, {available[c % len(available)] for c in self.cpu_cores})
+        torch.set_num_threads(threads)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+
+def config_parameters(model_config: dict) -> dict[str, str]:
+    return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+
+
+def resolve_checkpoint(value: str, model_dir: str) -> Path:
+    """Checkpoint paths in configs may be relative to the model repository (so both can move).
+
+    Triton's ``args["model_repository"]`` is the model's own folder inside the repository.
+    """
+    path = Path(value)
+    if not path.is_absolute():
+        path = (Path(model_dir).parent / path).resolve()
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(f"no diffusers checkpoint (model_index.json) at {path}")
+    return path
+
+
+def placement_from_args(args: dict, params: dict[str, str]) -> Placement:
+    """KIND_GPU instances use cuda:<device_id> (the stub does not select it for us); CPU instances
+    use the cores listed in the ``cpu_cores`` parameter."""
+    if args.get("model_instance_kind") == "GPU":
+        device = torch.device(f"cuda:{int(args['model_instance_device_id'])}")
+        return Placement(device, torch_dtype(params.get("dtype", "float16")), None)
+    cores = params.get("cpu_cores", "")
+    cpu_cores = tuple(int(c) for c in cores.split(",") if c.strip()) or None
+    return Placement(torch.device("cpu"), torch_dtype(params.get("dtype", "float32")), cpu_cores)
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What every model's ``initialize`` derives from Triton's ``args``."""
+
+    name: str
+    params: dict[str, str]
+    checkpoint: Path
+    placement: Placement
+
+
+def model_context(args: dict) -> ModelContext:
+    config = json.loads(args["model_config"])
+    params = config_parameters(config)
+    placement = placement_from_args(args, params)
+    placement.apply(int(params.get("torch_threads", "1")))
+    checkpoint = resolve_checkpoint(params["checkpoint"], args["model_repository"])
+    return ModelContext(args["model_name"], params, checkpoint, placement)
+
+
+# --- Triton tensors (only inside the stub) ---------------------------------------------------
+
+
+def _pb():
+    import triton_python_backend_utils as pb_utils
+
+    return pb_utils
+
+
+def to_triton(name: str, tensor: torch.Tensor):
+    """A torch tensor (CPU or GPU) as a Triton tensor, without a copy where dlpack allows."""
+    return _pb().Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor.contiguous()))
+
+
+def from_triton(tensor) -> torch.Tensor:
+    """A Triton tensor as torch (zero-copy; CPU stays CPU, GPU stays on its device)."""
+    return torch.from_dlpack(tensor.to_dlpack())
+
+
+def input_tensor(request, name: str) -> torch.Tensor | None:
+    tensor = _pb().get_input_tensor_by_name(request, name)
+    return None if tensor is None else from_triton(tensor)
+
+
+def input_array(request, name: str):
+    """An input as numpy (strings and small scalars), or None when the client left it out."""
+    tensor = _pb().get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def error_response(message: str, invalid_argument: bool = True):
+    pb = _pb()
+    code = pb.TritonError.INVALID_ARG if invalid_argument else pb.TritonError.INTERNAL
+    return pb.InferenceResponse(error=pb.TritonError(message, code))
+
+
+def response(tensors: dict[str, torch.Tensor], extra=()):
+    return _pb().InferenceResponse(output_tensors=[to_triton(k, v) for k, v in tensors.items()] + list(extra))

@@ -1,0 +1,132 @@
+"""Triton model ``<family>_orchestrator``: the BLS model that runs the denoising loop.
+
+It validates the request, then runs :func:`hybridiff.loop.denoise_image` with a transport whose
+devices are the ``<family>_denoiser_<i>`` models, called with ``async_exec`` so that work for
+different devices runs at the same time. Stale activations live here between steps, and every
+tensor that moves between devices passes through here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import torch
+
+from ..families import get_family
+from ..families.base import DenoiseOutput, Family
+from ..loop import DenoiseTask, denoise_image
+from ..params import PARAMETERS, InvalidParameter, Limits, parse_image_requests
+from ..schedule import COND, UNCOND
+from .common import error_response, from_triton, input_array, input_tensor, model_context, to_triton
+
+
+class DeviceError(RuntimeError):
+    """A denoiser model answered with an error."""
+
+
+class BLSTransport:
+    """Devices reached as Triton models through business-logic scripting."""
+
+    def __init__(self, family: Family, model_names: list[str], wire_dtype: torch.dtype, gpu_memory: bool) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        self.family = family
+        self.model_names = model_names
+        self.num_devices = len(model_names)
+        self.wire_dtype = wire_dtype
+        self.gpu_memory = gpu_memory
+
+    def _preferred_memory(self, device: int):
+        if not self.gpu_memory:
+            return None
+        return self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_GPU, device)
+
+    async def denoise(self, device: int, task: DenoiseTask) -> DenoiseOutput:
+        inputs = [
+            to_triton("SAMPLE", task.sample.to(torch.float32)),
+            to_triton("TIMESTEP", task.timestep.to(torch.float32)),
+            to_triton("STAGE", torch.tensor([-1 if task.stage is None else task.stage], dtype=torch.int32)),
+            to_triton(
+                "CAPTURE_STAGE",
+                torch.tensor([-1 if task.capture_stage is None else task.capture_stage], dtype=torch.int32),
+            ),
+        ]
+        inputs += [to_triton(name, t.to(self.wire_dtype)) for name, t in task.cond.items()]
+        inputs += [to_triton(name, t.to(self.wire_dtype)) for name, t in task.stale.items()]
+        export_stage = task.stage if task.stage is not None else task.capture_stage
+        exports = list(self.family.stage_exports[export_stage]) if export_stage is not None else []
+        requested = (["EPS"] if task.want_eps else []) + exports
+        kwargs = {}
+        memory = self._preferred_memory(device)
+        if memory is not None:
+            kwargs["preferred_memory"] = memory
+        request = self.pb.InferenceRequest(
+            model_name=self.model_names[device], inputs=inputs, requested_output_names=requested, **kwargs
+        )
+        reply = await request.async_exec()
+        if reply.has_error():
+            raise DeviceError(f"{self.model_names[device]}: {reply.error().message()}")
+
+        def output(name: str) -> torch.Tensor:
+            return from_triton(self.pb.get_output_tensor_by_name(reply, name))
+
+        eps = output("EPS") if task.want_eps else None
+        return DenoiseOutput(eps, {name: output(name) for name in exports})
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        context = model_context(args)
+        params = context.params
+        self.family = get_family(params["family"])
+        self.sampler = self.family.load_sampler(context.checkpoint)
+        self.limits = Limits(
+            max_height=int(params.get("max_height", Limits.max_height)),
+            max_width=int(params.get("max_width", Limits.max_width)),
+            max_steps=int(params.get("max_steps", Limits.max_steps)),
+            max_batch=int(params.get("max_batch", Limits.max_batch)),
+            size_multiple=self.sampler.vae_scale_factor,
+        )
+        self.transport = BLSTransport(
+            self.family,
+            params["denoisers"].split(","),
+            context.placement.dtype,
+            gpu_memory=params.get("bls_memory", "cpu") == "gpu",
+        )
+
+    async def execute(self, requests):
+        return list(await asyncio.gather(*(self._execute_one(r) for r in requests)))
+
+    async def _execute_one(self, request):
+        names = [f"{branch}_{spec.name}" for branch in (UNCOND, COND) for spec in self.family.text_outputs]
+        embeds = {name: input_tensor(request, name) for name in names}
+        batch = embeds[names[0]].shape[0]
+        try:
+            scalars = {name: input_array(request, name) for name in PARAMETERS if "PROMPT" not in name}
+            image_requests = parse_image_requests(scalars, self.family.defaults, self.limits, batch)
+        except InvalidParameter as err:
+            return error_response(str(err))
+        latents, schedules = [], []
+        try:
+            for i, image_request in enumerate(image_requests):
+                branch_cond = {
+                    branch: {spec.name: embeds[f"{branch}_{spec.name}"][i : i + 1] for spec in self.family.text_outputs}
+                    for branch in (UNCOND, COND)
+                }
+                image_latents, report = await denoise_image(
+                    self.family, self.sampler, self.transport, branch_cond, image_request
+                )
+                latents.append(image_latents)
+                schedules.append(json.dumps({"seed": image_request.seed, **report.as_dict()}))
+        except DeviceError as err:
+            return error_response(str(err), invalid_argument=False)
+        schedule_tensor = self.pb.Tensor("SCHEDULE", np.array(schedules, dtype=object))
+        return self.pb.InferenceResponse(
+            output_tensors=[to_triton("LATENTS", torch.cat(latents)), schedule_tensor]
+        )

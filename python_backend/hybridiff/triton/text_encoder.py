@@ -1,0 +1,27 @@
+"""Triton model ``<family>_text_encoder``: prompts to per-branch conditioning tensors."""
+
+from __future__ import annotations
+
+from ..families import get_family
+from ..params import InvalidParameter, Limits, parse_prompts
+from .common import error_response, input_array, model_context, response
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        context = model_context(args)
+        family = get_family(context.params["family"])
+        self.limits = Limits(max_batch=int(context.params.get("max_batch", Limits.max_batch)))
+        self.encoder = family.load_text_encoder(context.checkpoint, context.placement.device, context.placement.dtype)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                prompts, negatives = parse_prompts(
+                    input_array(request, "PROMPT"), input_array(request, "NEGATIVE_PROMPT"), self.limits
+                )
+                responses.append(response(self.encoder.encode(prompts, negatives)))
+            except InvalidParameter as err:
+                responses.append(error_response(str(err)))
+        return responses

@@ -1,0 +1,69 @@
+"""The repository generator: N devices, CPU or GPU, reproducible, and the committed copy is current."""
+
+import filecmp
+from pathlib import Path
+
+import pytest
+
+from export.make_repository import Deployment, main, write_repository
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read(repo: Path, model: str, name: str = "config.pbtxt") -> str:
+    return (repo / model / name).read_text()
+
+
+@pytest.mark.parametrize("devices", [1, 2, 3])
+def test_one_denoiser_model_per_device(tmp_path, devices):
+    repo = write_repository(tmp_path / "r", {"sdxl": tmp_path / "ckpt"}, Deployment(devices=devices))
+    denoisers = sorted(p.name for p in repo.iterdir() if "denoiser" in p.name)
+    assert denoisers == [f"sdxl_denoiser_{i}" for i in range(devices)]
+    orchestrator = read(repo, "sdxl_orchestrator")
+    assert f'string_value: "{",".join(denoisers)}"' in orchestrator
+    for name in denoisers:
+        config = read(repo, name)
+        assert "kind: KIND_CPU" in config and 'key: "cpu_cores"' in config
+        assert "TYPE_FP32" in config and "TYPE_FP16" not in config
+        assert "hybridiff.triton.denoiser import TritonPythonModel" in read(repo, name, "1/model.py")
+
+
+def test_gpu_deployment_pins_each_denoiser_to_its_gpu_in_fp16(tmp_path):
+    repo = write_repository(tmp_path / "r", {"sdxl": tmp_path / "ckpt"}, Deployment(devices=2, kind="gpu"))
+    for i in range(2):
+        config = read(repo, f"sdxl_denoiser_{i}")
+        assert f"kind: KIND_GPU gpus: [ {i} ]" in config
+        assert 'name: "EPS" data_type: TYPE_FP16' in config
+        assert 'name: "SAMPLE" data_type: TYPE_FP32' in config  # latents stay fp32 for the scheduler
+    assert "kind: KIND_CPU" in read(repo, "sdxl_orchestrator")  # BLS logic needs no GPU of its own
+    assert 'string_value: "gpu"' in read(repo, "sdxl_orchestrator")
+
+
+def test_ensemble_chains_encoder_orchestrator_and_vae(tmp_path):
+    repo = write_repository(tmp_path / "r", {"sdxl": tmp_path / "ckpt"}, Deployment())
+    ensemble = read(repo, "sdxl")
+    order = [ensemble.index(f'model_name: "sdxl_{m}"') for m in ("text_encoder", "orchestrator", "vae")]
+    assert order == sorted(order)
+    assert 'name: "NEGATIVE_PROMPT" data_type: TYPE_STRING dims: [ -1 ] optional: true' in ensemble
+    assert 'string_value: "../ckpt"' in read(repo, "sdxl_vae")  # relative: repository and checkpoint move together
+
+
+def test_generation_is_reproducible(tmp_path):
+    args = ["--model", f"sdxl={tmp_path / 'ckpt'}", "--devices", "2"]
+    main(["--out", str(tmp_path / "a"), *args])
+    main(["--out", str(tmp_path / "b"), *args])
+    comparison = filecmp.dircmp(tmp_path / "a", tmp_path / "b")
+    assert not comparison.diff_files and not comparison.left_only and not comparison.right_only
+    for sub in comparison.subdirs.values():
+        assert not sub.diff_files and not sub.left_only and not sub.right_only
+
+
+def test_committed_repository_is_what_make_repository_writes(tmp_path):
+    """model_repository/ in git is `make repository` output (small SDXL, 2 CPU devices)."""
+    out = tmp_path / "model_repository"
+    write_repository(out, {"sdxl": tmp_path / "checkpoints" / "sdxl-small"}, Deployment(devices=2))
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            committed = REPO / "model_repository" / path.relative_to(out)
+            assert committed.exists(), f"{committed} missing: run `make repository`"
+            assert committed.read_text() == path.read_text(), f"{committed} is stale: run `make repository`"
