@@ -52,7 +52,7 @@ def _spec(spec: TensorSpec, deployment: Deployment, prefix: str = "", optional: 
 
 
 def _parameters(values: dict[str, str]) -> str:
-    items = "\n".join(f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items())
+    items = ",\n".join(f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items())
     return f"parameters [\n{items}\n]\n"
 
 

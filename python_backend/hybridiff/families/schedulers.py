@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import diffusers
@@ -9,9 +10,9 @@ import diffusers
 
 def load_scheduler_config(folder: Path) -> tuple[type, dict]:
     """The scheduler class the checkpoint names, and its config (read once per process)."""
-    config = diffusers.SchedulerMixin.load_config(folder, subfolder="scheduler")
+    config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
     scheduler_class = getattr(diffusers, config["_class_name"])
-    return scheduler_class, config
+    return scheduler_class, scheduler_class.from_config(config).config
 
 
 def new_scheduler(scheduler_class: type, config: dict, steps: int):

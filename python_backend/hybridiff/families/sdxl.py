@@ -106,7 +106,7 @@ class SDXLTextEncoder(TextEncoder):
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
         self.pipe = StableDiffusionXLPipeline.from_pretrained(
-            folder, unet=None, vae=None, scheduler=None, torch_dtype=dtype
+            folder, unet=None, vae=None, scheduler=None, dtype=dtype
         ).to(device)
         self.device = device
 
@@ -150,7 +150,7 @@ class SDXLSampler(Sampler):
 
 class SDXLDecoder:
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
-        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype).to(device).eval()
         # fp16 SDXL VAEs overflow: diffusers upcasts when the config says so; we do the same.
         if dtype == torch.float16 and self.vae.config.force_upcast:
             self.vae.to(torch.float32)
@@ -188,7 +188,7 @@ class SDXLFamily(Family):
         return SDXLTextEncoder(folder, device, dtype)
 
     def load_denoiser(self, folder: Path, device: torch.device, dtype: torch.dtype) -> SDXLDenoiser:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype)
         return SDXLDenoiser(unet, device, dtype)
 
     def load_decoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> SDXLDecoder:
