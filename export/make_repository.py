@@ -118,6 +118,7 @@ def family_models(family: Family, checkpoint: str, deployment: Deployment) -> di
         ]
         outputs = [_tensor("EPS", deployment.wire_type, [-1] * family.latent_rank)]
         outputs += [_spec(s, deployment) for s in family.activations]
+        outputs.append(_tensor("COMPUTE_SECONDS", "TYPE_FP64", [1]))
         params = {**common, "cpu_cores": str(i), "torch_threads": "1"}
         models[model_name] = (
             _config(model_name, inputs, outputs, _instances(deployment, i) + _parameters(params)),

@@ -82,6 +82,10 @@ class LoopReport:
     schedule: dict
     phase_seconds: dict[str, float] = field(default_factory=dict)
     loop_seconds: float = 0.0
+    device_seconds: dict[int, float] = field(default_factory=dict)  # compute time per device
+    # Per step: wall time minus the longest device compute of that step, summed. What the loop,
+    # the transport and the scheduler cost beyond the work itself.
+    overhead_seconds: float = 0.0
     bytes_to_devices: int = 0
     bytes_from_devices: int = 0
 
@@ -90,6 +94,8 @@ class LoopReport:
             **self.schedule,
             "phase_seconds": {k: round(v, 6) for k, v in self.phase_seconds.items()},
             "loop_seconds": round(self.loop_seconds, 6),
+            "device_seconds": {str(k): round(v, 6) for k, v in sorted(self.device_seconds.items())},
+            "overhead_seconds": round(self.overhead_seconds, 6),
             "bytes_to_devices": self.bytes_to_devices,
             "bytes_from_devices": self.bytes_from_devices,
         }
@@ -148,6 +154,9 @@ async def denoise_image(
         outputs = await asyncio.gather(
             *(transport.denoise(a.device, task) for a, task in zip(plan.assignments, tasks, strict=True))
         )
+        for a, out in zip(plan.assignments, outputs, strict=True):
+            report.device_seconds[a.device] = report.device_seconds.get(a.device, 0.0) + out.compute_seconds
+        longest_compute = max(out.compute_seconds for out in outputs)
         report.bytes_to_devices += sum(t.nbytes() for t in tasks)
         report.bytes_from_devices += sum(_output_nbytes(o) for o in outputs)
 
@@ -166,8 +175,10 @@ async def denoise_image(
             guided, step_rel_mae = eps[COND], None
         schedule.observe(step, step_rel_mae)
         latents = sampler.step(scheduler, guided, timestep, latents)
+        step_seconds = time.perf_counter() - step_started
+        report.overhead_seconds += max(step_seconds - longest_compute, 0.0)
         phase = plan.phase.value
-        report.phase_seconds[phase] = report.phase_seconds.get(phase, 0.0) + time.perf_counter() - step_started
+        report.phase_seconds[phase] = report.phase_seconds.get(phase, 0.0) + step_seconds
 
     report.schedule = schedule.summary()
     report.loop_seconds = time.perf_counter() - started

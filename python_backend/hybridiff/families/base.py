@@ -8,6 +8,7 @@ schedule, the loop, the Triton glue) is shared and family-agnostic.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ class FamilyDefaults:
 class DenoiseOutput:
     eps: torch.Tensor | None  # noise (or velocity) prediction; None for a non-final stage
     activations: dict[str, torch.Tensor]  # wire name -> tensor, for the other stages
+    compute_seconds: float = 0.0  # time on the device, to tell compute from orchestration overhead
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -98,13 +100,29 @@ class Denoiser(ABC):
         ``stage=None`` runs the whole model (``capture_stage`` also returns that stage's exports:
         the pipeline warm-up); otherwise only stage ``stage`` computes, fed ``stale`` activations.
         """
+        started = time.perf_counter()
         batch = next(iter(cond.values())).shape[0]
         sample = sample.to(self.device, self.dtype).expand(batch, *sample.shape[1:])
         timestep = timestep.to(self.device)
         cond = {k: v.to(self.device, self.dtype) for k, v in cond.items()}
         if stage is None and capture_stage is None:
-            return DenoiseOutput(self._forward(sample, timestep, cond)[0], {})
-        stale_modules = self._unpack({k: v.to(self.device, self.dtype) for k, v in (stale or {}).items()})
+            eps, activations = self._forward(sample, timestep, cond)[0], {}
+        else:
+            eps, activations = self._run_stage(sample, timestep, cond, stage, stale or {}, capture_stage)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return DenoiseOutput(eps, activations, time.perf_counter() - started)
+
+    def _run_stage(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        stage: int | None,
+        stale: dict[str, torch.Tensor],
+        capture_stage: int | None,
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        stale_modules = self._unpack({k: v.to(self.device, self.dtype) for k, v in stale.items()})
         record = self.split.exports[capture_stage] if capture_stage is not None else ()
         output, recorded = run_stage(
             self.model,
@@ -115,8 +133,7 @@ class Denoiser(ABC):
             self._bypass,
             record,
         )
-        eps = output[0] if output is not None else None
-        return DenoiseOutput(eps, self._pack(recorded))
+        return (output[0] if output is not None else None), self._pack(recorded)
 
 
 class TextEncoder(ABC):

@@ -8,6 +8,8 @@ BLS cannot pick a model instance.
 
 from __future__ import annotations
 
+import torch
+
 from ..families import get_family
 from .common import error_response, input_tensor, model_context, response
 
@@ -46,4 +48,5 @@ class TritonPythonModel:
         tensors = dict(output.activations)
         if output.eps is not None:
             tensors["EPS"] = output.eps
+        tensors["COMPUTE_SECONDS"] = torch.tensor([output.compute_seconds], dtype=torch.float64)
         return response(tensors)

@@ -58,7 +58,7 @@ class BLSTransport:
         inputs += [to_triton(name, t.to(self.wire_dtype)) for name, t in task.stale.items()]
         export_stage = task.stage if task.stage is not None else task.capture_stage
         exports = list(self.family.stage_exports[export_stage]) if export_stage is not None else []
-        requested = (["EPS"] if task.want_eps else []) + exports
+        requested = (["EPS"] if task.want_eps else []) + exports + ["COMPUTE_SECONDS"]
         kwargs = {}
         memory = self._preferred_memory(device)
         if memory is not None:
@@ -74,7 +74,8 @@ class BLSTransport:
             return from_triton(self.pb.get_output_tensor_by_name(reply, name))
 
         eps = output("EPS") if task.want_eps else None
-        return DenoiseOutput(eps, {name: output(name) for name in exports})
+        compute_seconds = float(output("COMPUTE_SECONDS").item())
+        return DenoiseOutput(eps, {name: output(name) for name in exports}, compute_seconds)
 
 
 class TritonPythonModel:
