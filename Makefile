@@ -18,7 +18,7 @@ OUT ?= out/image.png
 export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup serve test test-fast generate repository checkpoints lint clean
+.PHONY: setup serve test test-fast generate repository checkpoints lint clean bench
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ test-fast: setup
 generate: setup
 	$(PY) -m client.generate --family $(FAMILY) --prompt "$(PROMPT)" --mode $(MODE) \
 		--protocol $(PROTOCOL) --out $(OUT)
+
+# Latency, speed-ups, efficiency, overhead, bytes moved and fidelity of every mode (small model, 50 steps).
+bench: repository
+	$(PY) -m client.bench --checkpoint checkpoints/sdxl-$(SIZE) --repository model_repository --out out/bench
 
 lint: setup
 	$(VENV)/bin/ruff check .
