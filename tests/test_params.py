@@ -18,7 +18,7 @@ def parse(**fields):
 
 def test_defaults_are_the_paper_sdxl_values():
     (request,) = parse()
-    assert (request.steps, request.guidance_scale, request.mode) == (50, 5.0, Mode.HYBRID)
+    assert (request.steps, request.guidance_scale, request.mode) == (50, 5.0, Mode.AUTO)
     knobs = request.knobs
     assert (knobs.window, knobs.eps_slope, knobs.k, knobs.tau_cap) == (12, 0.4e-3, 5, 15)
 
@@ -36,7 +36,7 @@ def test_seeds_count_up_through_a_batch():
         ({"HEIGHT": 100}, r"HEIGHT: 100 is not a multiple of 8"),
         ({"WIDTH": 1024}, r"WIDTH: 1024 outside the allowed range \[64, 512\]"),
         ({"HEIGHT": 32}, r"HEIGHT: 32 outside"),
-        ({"MODE": "fast"}, r"MODE: unknown mode 'fast'; one of serial, cfg_parallel, pipeline, hybrid"),
+        ({"MODE": "fast"}, r"MODE: unknown mode 'fast'; one of serial, cfg_parallel, pipeline, hybrid, auto"),
         ({"K": -1}, r"K: -1 outside the allowed range \[0, 100\]"),
         ({"SLOPE_WINDOW": 0}, r"SLOPE_WINDOW: 0 outside"),
         ({"EPS_SLOPE": float("nan")}, r"EPS_SLOPE: must be finite"),

@@ -130,7 +130,7 @@ def test_no_guidance_says_which_mode_ran(server, protocol):
         ({"steps": 0}, "STEPS", "[1, 64]"),
         ({"height": 60}, "HEIGHT", "multiple of 8"),
         ({"width": 512}, "WIDTH", "[64, 256]"),
-        ({"mode": "turbo"}, "MODE", "serial, cfg_parallel, pipeline, hybrid"),
+        ({"mode": "turbo"}, "MODE", "serial, cfg_parallel, pipeline, hybrid, auto"),
         ({"k": -1}, "K", "[0, 64]"),
         ({"guidance_scale": -2.0}, "GUIDANCE_SCALE", "[0.0, 100.0]"),
         ({"seed": -5}, "SEED", "outside the allowed range"),

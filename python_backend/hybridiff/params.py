@@ -48,7 +48,7 @@ PARAMETERS: dict[str, tuple[str, str]] = {
     "GUIDANCE_SCALE": ("FP64", "classifier-free guidance scale; <= 1 turns guidance off"),
     "HEIGHT": ("INT64", "image height in pixels"),
     "WIDTH": ("INT64", "image width in pixels"),
-    "MODE": ("BYTES", "serial | cfg_parallel | pipeline | hybrid"),
+    "MODE": ("BYTES", "serial | cfg_parallel | pipeline | hybrid | auto (default: by load)"),
     "SLOPE_WINDOW": ("INT64", "L: rel-MAE values the slope is taken over"),
     "EPS_SLOPE": ("FP64", "slope threshold that marks tau1"),
     "K": ("INT64", "pipeline steps after tau1"),
@@ -140,7 +140,7 @@ def parse_image_requests(
             raise InvalidParameter(field, f"{value} is not a multiple of {limits.size_multiple}")
         _check_range(field, value, limits.min_size, maximum)
         sizes[field] = value
-    mode_name = _scalar("MODE", inputs.get("MODE"), str, Mode.HYBRID.value)
+    mode_name = _scalar("MODE", inputs.get("MODE"), str, Mode.AUTO.value)
     names = [m.value for m in allowed_modes]
     if mode_name not in names:
         raise InvalidParameter("MODE", f"unknown mode {mode_name!r}; one of {', '.join(names)}")

@@ -23,6 +23,7 @@ class Mode(str, Enum):
     CFG_PARALLEL = "cfg_parallel"  # condition-based partitioning every step
     PIPELINE = "pipeline"  # AsyncDiff stale-activation pipeline, CFG batch inside each stage
     HYBRID = "hybrid"  # Hybridiff: partitioning, pipeline in (tau1, tau2], partitioning
+    AUTO = "auto"  # hybrid when two devices are free, else serial on the least busy device
 
 
 class Phase(str, Enum):
@@ -106,8 +107,8 @@ def detect_tau1(curve: list[float], knobs: HybridKnobs) -> int | None:
 class GuidanceSchedule:
     """The schedule of one image: call :meth:`plan` for step t, run it, then :meth:`observe`.
 
-    ``device`` is where single-device steps run (the load-aware choice belongs to the caller).
-    ``devices`` is how many devices parallel modes may use (2 in the paper).
+    ``device`` is where single-device steps run and ``pair`` the two devices parallel steps use
+    (both chosen by :func:`place_request`). ``devices`` is how many devices the server has.
     """
 
     mode: Mode
@@ -116,6 +117,7 @@ class GuidanceSchedule:
     guidance: bool  # classifier-free guidance on (guidance_scale > 1)
     device: int = 0
     devices: int = 2
+    pair: tuple[int, int] = (0, 1)
     rel_mae_curve: list[float | None] = field(default_factory=list)
     tau1: int | None = None
     tau_source: str | None = None  # "slope" or "tau_cap"
@@ -123,6 +125,8 @@ class GuidanceSchedule:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.mode is Mode.AUTO:
+            raise ValueError("resolve mode auto with place_request() before scheduling")
         self.knobs.validate()
 
     @property
@@ -164,26 +168,27 @@ class GuidanceSchedule:
             raise IndexError(f"step {step} outside 0..{self.steps - 1}")
         phase = self.phase(step)
         mode = self.effective_mode
+        first, second = self.pair
         if phase is Phase.SERIAL:
             assignments = (Assignment(self.device, self.branches),)
         elif phase is Phase.PARTITION:
-            assignments = (Assignment(0, (UNCOND,)), Assignment(1, (COND,)))
+            assignments = (Assignment(first, (UNCOND,)), Assignment(second, (COND,)))
         elif mode is Mode.PIPELINE:
             # AsyncDiff: every device holds the full CFG batch; warm-up runs the whole model.
             staged = phase is Phase.PIPELINE
             assignments = tuple(
-                Assignment(d, self.branches, stage=d if staged else None, capture_stage=None if staged else d)
-                for d in range(2)
+                Assignment(d, self.branches, stage=s if staged else None, capture_stage=None if staged else s)
+                for s, d in enumerate(self.pair)
             )
         elif phase is Phase.WARMUP:
             assignments = (
-                Assignment(0, (UNCOND,), capture_stage=0),
-                Assignment(1, (COND,), capture_stage=1),
+                Assignment(first, (UNCOND,), capture_stage=0),
+                Assignment(second, (COND,), capture_stage=1),
             )
         else:
-            # Hybridiff pipeline: device 0 runs the middle stage on the unconditional text, device 1
-            # head and tail on the conditional text; device 1's output is used without guidance.
-            assignments = (Assignment(0, (UNCOND,), stage=0), Assignment(1, (COND,), stage=1))
+            # Hybridiff pipeline: the first device runs the middle stage on the unconditional text,
+            # the second head and tail on the conditional text; its output is used without guidance.
+            assignments = (Assignment(first, (UNCOND,), stage=0), Assignment(second, (COND,), stage=1))
         return StepPlan(step, phase, assignments)
 
     def observe(self, step: int, rel_mae_value: float | None) -> None:
@@ -216,3 +221,34 @@ class GuidanceSchedule:
             "phase_steps": {p.value: phases.count(p.value) for p in Phase if p.value in phases},
             "rel_mae": self.rel_mae_curve,
         }
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one request runs: the mode actually chosen and the devices it occupies."""
+
+    mode: Mode
+    device: int  # single-device steps
+    pair: tuple[int, int]  # parallel steps
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        return (self.device,) if self.mode is Mode.SERIAL else self.pair
+
+
+def place_request(mode: Mode, loads: list[int], guidance: bool) -> Placement:
+    """The load-aware choice, from the requests in flight per device.
+
+    Splitting one image over two devices wins when they are free; when they are busy, a whole
+    request on the least busy device wins (no device waits on another). ``auto`` takes hybrid
+    only when two devices are idle; explicit modes keep their mode and get the least busy devices.
+    Ties go to the lower device index, so placement is deterministic for a given load.
+    """
+    by_load = sorted(range(len(loads)), key=lambda d: (loads[d], d))
+    least = by_load[0]
+    pair = (by_load[0], by_load[1]) if len(by_load) >= 2 else (least, least)
+    pair = (min(pair), max(pair))
+    if mode is Mode.AUTO:
+        idle_pair = len(by_load) >= 2 and loads[pair[0]] == 0 and loads[pair[1]] == 0
+        mode = Mode.HYBRID if idle_pair and guidance else Mode.SERIAL
+    return Placement(mode, least, pair)

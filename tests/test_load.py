@@ -1,0 +1,72 @@
+"""The load-aware policy (plain Python) and the shared in-flight board it reads."""
+
+import multiprocessing
+import os
+
+import pytest
+
+from hybridiff.load import LoadBoard
+from hybridiff.schedule import Mode, place_request
+
+
+@pytest.mark.parametrize(
+    "loads,mode,device,pair",
+    [
+        ([0, 0], Mode.HYBRID, 0, (0, 1)),  # alone: split the image over both devices
+        ([1, 1], Mode.SERIAL, 0, (0, 1)),  # both busy: whole request on the least busy (tie -> 0)
+        ([1, 0], Mode.SERIAL, 1, (0, 1)),  # one busy: a hybrid would wait on it, so serial on the free one
+        ([2, 1], Mode.SERIAL, 1, (0, 1)),
+        ([1, 0, 0, 2], Mode.HYBRID, 1, (1, 2)),  # four devices: any idle pair serves a hybrid
+        ([0], Mode.SERIAL, 0, (0, 0)),  # one device
+    ],
+)
+def test_auto_follows_the_load(loads, mode, device, pair):
+    placement = place_request(Mode.AUTO, loads, guidance=True)
+    assert (placement.mode, placement.device, placement.pair) == (mode, device, pair)
+
+
+def test_auto_without_guidance_is_serial():
+    assert place_request(Mode.AUTO, [0, 0], guidance=False).mode is Mode.SERIAL
+
+
+@pytest.mark.parametrize("mode", [Mode.SERIAL, Mode.CFG_PARALLEL, Mode.PIPELINE, Mode.HYBRID])
+def test_explicit_modes_are_kept_and_spread(mode):
+    placement = place_request(mode, [3, 1, 0], guidance=True)
+    assert placement.mode is mode
+    assert placement.device == 2  # serial requests go to the least busy device, not always 0
+    assert placement.pair == (1, 2)
+    assert placement.devices == ((2,) if mode is Mode.SERIAL else (1, 2))
+
+
+def test_board_counts_and_releases(tmp_path):
+    board = LoadBoard(tmp_path / "board.json", 2)
+    assert board.loads() == [0, 0]
+    with board.occupy(lambda loads: (place_request(Mode.AUTO, loads, True), (0, 1))) as first:
+        assert first.mode is Mode.HYBRID
+        assert board.loads() == [1, 1]
+        with board.occupy(lambda loads: ("second", (place_request(Mode.AUTO, loads, True).device,))) as second:
+            assert second == "second"
+            assert board.loads() == [2, 1]
+        assert board.loads() == [1, 1]
+    assert board.loads() == [0, 0]
+
+
+def _hold(path: str, ready, release) -> None:
+    board = LoadBoard(path, 2)
+    with board.occupy(lambda loads: (None, (1,))):
+        ready.set()
+        release.wait(10)
+
+
+def test_board_is_shared_between_processes_and_forgets_dead_ones(tmp_path):
+    path = str(tmp_path / "board.json")
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(path, ready, release))
+    holder.start()
+    assert ready.wait(10)
+    board = LoadBoard(path, 2)
+    assert board.loads() == [0, 1]
+    os.kill(holder.pid, 9)  # dies without releasing
+    holder.join()
+    assert board.loads() == [0, 0]
