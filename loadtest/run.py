@@ -1,0 +1,236 @@
+"""Headless concurrency sweep: p50/p95 latency and images/s per mode at 1, 2, 4, 8 users.
+
+    python -m loadtest.run                       # starts a server on the small model
+    python -m loadtest.run --url 127.0.0.1:8000  # or uses a running one (local addresses only)
+
+For each mode (and ``auto``) and each user count, Locust users send requests back to back until
+``--requests`` have completed or ``--seconds`` have passed; then no new request starts and the
+level ends when the last one returns (so levels never overlap). Triton's own queue time per model
+comes from its metrics endpoint. Afterwards every distinct request is run alone and each image
+from the sweep must equal it (max abs pixel difference <= 1). Writes CSV, Markdown and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import statistics
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gevent
+import numpy as np
+from locust.env import Environment
+
+from client.generate import generate, make_client
+from loadtest.locustfile import PROMPTS, GrpcImageUser, HttpImageUser
+
+LOCAL_PREFIXES = ("127.", "localhost", "[::1]")
+
+
+@dataclass
+class Sink:
+    """Collects results for one level and tells users when to stop starting requests."""
+
+    max_requests: int
+    deadline: float
+    started: int = 0
+    results: list[dict] = field(default_factory=list)
+
+    def may_start(self) -> bool:
+        if self.started >= self.max_requests or time.perf_counter() >= self.deadline:
+            return False
+        self.started += 1
+        return True
+
+    def record(self, prompt: int, fields: dict, latency_s: float, result, exception) -> None:
+        self.results.append({
+            "prompt": prompt,
+            "fields": fields,
+            "latency_s": latency_s,
+            "finished": time.perf_counter(),
+            "image": None if result is None else result.images[0],
+            "mode_run": None if result is None else result.schedules[0]["mode_run"],
+            "error": None if exception is None else str(exception),
+        })
+
+    @property
+    def in_flight(self) -> int:
+        return self.started - len(self.results)
+
+
+def queue_metrics(metrics_url: str) -> dict[str, tuple[float, float]]:
+    """Per model: (cumulative queue time in us, cumulative successful requests)."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    queue, success = {}, {}
+    for line in text.splitlines():
+        match = re.match(r'(nv_inference_queue_duration_us|nv_inference_request_success)\{model="([^"]+)".*\} (\S+)', line)
+        if match:
+            target = queue if match.group(1) == "nv_inference_queue_duration_us" else success
+            target[match.group(2)] = target.get(match.group(2), 0.0) + float(match.group(3))
+    return {m: (queue.get(m, 0.0), success.get(m, 0.0)) for m in set(queue) | set(success)}
+
+
+def run_level(host: str, user_class, users: int, mode: str, max_requests: int, seconds: float) -> tuple[Sink, float]:
+    os.environ["LOADTEST_MODE"] = mode
+    env = Environment(user_classes=[user_class], host=host)
+    sink = Sink(max_requests=max_requests, deadline=time.perf_counter() + seconds)
+    env.hybridiff_sink = sink
+    runner = env.create_local_runner()
+    started = time.perf_counter()
+    runner.start(users, spawn_rate=users)
+    while sink.started < max_requests and time.perf_counter() < sink.deadline:
+        gevent.sleep(0.2)
+    while sink.in_flight > 0:
+        gevent.sleep(0.2)
+    runner.quit()
+    return sink, started
+
+
+def level_row(mode: str, users: int, sink: Sink, started: float, queue_us: dict[str, float]) -> dict:
+    ok = [r for r in sink.results if r["error"] is None]
+    latencies = sorted(r["latency_s"] for r in ok)
+    span = (max(r["finished"] for r in ok) - started) if ok else float("nan")
+    chosen = {}
+    for r in ok:
+        chosen[r["mode_run"]] = chosen.get(r["mode_run"], 0) + 1
+    return {
+        "mode": mode,
+        "users": users,
+        "requests": len(sink.results),
+        "failures": len(sink.results) - len(ok),
+        "p50_s": statistics.median(latencies) if latencies else float("nan"),
+        "p95_s": float(np.percentile(latencies, 95)) if latencies else float("nan"),
+        "images_per_s": len(ok) / span if ok else 0.0,
+        "modes_run": json.dumps(chosen, sort_keys=True),
+        "queue_ms_per_request": json.dumps({k: round(v / 1000, 2) for k, v in sorted(queue_us.items())}),
+    }
+
+
+def queue_delta(before: dict, after: dict) -> dict[str, float]:
+    """Average queue time per request in the level, for the denoiser and ensemble models."""
+    result = {}
+    for model, (queue, count) in after.items():
+        q0, c0 = before.get(model, (0.0, 0.0))
+        if count > c0 and ("denoiser" in model or "orchestrator" in model):
+            result[model] = (queue - q0) / (count - c0)
+    return result
+
+
+def check_against_solo(url: str, protocol: str, model: str, results: list[dict]) -> tuple[int, int]:
+    """Run each distinct request alone (in the mode it ran) and compare the sweep's images."""
+    client = make_client(protocol, url, **({"connection_timeout": 600.0, "network_timeout": 600.0}
+                                           if protocol == "http" else {}))
+    solo: dict[str, np.ndarray] = {}
+    worst, checked = 0, 0
+    try:
+        for r in results:
+            if r["image"] is None:
+                continue
+            fields = {**r["fields"], "mode": r["mode_run"]}
+            key = json.dumps([r["prompt"], fields], sort_keys=True)
+            if key not in solo:
+                solo[key] = generate(client, protocol, model, [PROMPTS[r["prompt"]]], **fields).images[0]
+            diff = int(np.abs(solo[key].astype(np.int16) - r["image"].astype(np.int16)).max())
+            worst = max(worst, diff)
+            checked += 1
+    finally:
+        client.close()
+    return worst, checked
+
+
+def write_outputs(rows: list[dict], out: Path, header: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "loadtest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [header, "", "| mode | users | requests | failures | p50 | p95 | images/s | modes run | queue ms/request |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['users']} | {r['requests']} | {r['failures']} | {r['p50_s']:.2f} s "
+                     f"| {r['p95_s']:.2f} s | {r['images_per_s']:.3f} | {r['modes_run']} | {r['queue_ms_per_request']} |")
+    (out / "loadtest.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mine = [r for r in rows if r["mode"] == mode]
+        users = [r["users"] for r in mine]
+        left.plot(users, [r["p50_s"] for r in mine], marker="o", label=f"{mode} p50")
+        left.plot(users, [r["p95_s"] for r in mine], marker="x", linestyle="--", label=f"{mode} p95")
+        right.plot(users, [r["images_per_s"] for r in mine], marker="o", label=mode)
+    left.set(xlabel="concurrent users", ylabel="latency (s)", xscale="log", xticks=[1, 2, 4, 8])
+    right.set(xlabel="concurrent users", ylabel="images per second", xscale="log", xticks=[1, 2, 4, 8])
+    for axis in (left, right):
+        axis.set_xticklabels(["1", "2", "4", "8"])
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loadtest.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", help="a running server, host:port of its HTTP (or gRPC) endpoint")
+    parser.add_argument("--metrics-url", help="its metrics endpoint (default: port 8002 of the same host)")
+    parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--modes", default="serial,cfg_parallel,hybrid,auto")
+    parser.add_argument("--users", default="1,2,4,8")
+    parser.add_argument("--requests", type=int, default=0, help="per level (default 2 x users, at least 4)")
+    parser.add_argument("--seconds", type=float, default=120.0, help="per level, at most")
+    parser.add_argument("--out", type=Path, default=Path("out/loadtest"))
+    args = parser.parse_args(argv)
+
+    server = None
+    if args.url is None:
+        from hybridiff.tritonserver import TritonServer
+
+        server = TritonServer(args.repository, ready_timeout=600).__enter__()
+        url = server.http_url if args.protocol == "http" else server.grpc_url
+        metrics_url = server.metrics_url
+    else:
+        url = args.url
+        if not url.startswith(LOCAL_PREFIXES):
+            parser.error("load tests only target this machine (127.0.0.1, localhost or [::1])")
+        metrics_url = args.metrics_url or f"http://{url.rsplit(':', 1)[0]}:8002/metrics"
+    user_class = HttpImageUser if args.protocol == "http" else GrpcImageUser
+    rows, results = [], []
+    try:
+        warm = make_client(args.protocol, url)
+        generate(warm, args.protocol, "sdxl", ["warm-up"], steps=2, height=256, width=256, mode="hybrid")
+        warm.close()
+        for mode in args.modes.split(","):
+            for users in [int(u) for u in args.users.split(",")]:
+                before = queue_metrics(metrics_url)
+                limit = args.requests or max(4, 2 * users)
+                sink, started = run_level(url, user_class, users, mode, limit, args.seconds)
+                row = level_row(mode, users, sink, started, queue_delta(before, queue_metrics(metrics_url)))
+                rows.append(row)
+                results.extend(sink.results)
+                print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        worst, checked = check_against_solo(url, args.protocol, "sdxl", results)
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)
+    failures = sum(r["failures"] for r in rows)
+    header = (f"Measured with `make loadtest` ({args.protocol}, {os.cpu_count()} cores, one core per device). "
+              f"Failed requests: {failures}. Images checked against the same request alone: {checked}, "
+              f"max abs pixel difference {worst}.")
+    write_outputs(rows, args.out, header)
+    print(header)
+    if failures or worst > 1:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
