@@ -31,6 +31,7 @@ from client.generate import generate, make_client
 from loadtest.locustfile import PROMPTS, GrpcImageUser, HttpImageUser
 
 LOCAL_PREFIXES = ("127.", "localhost", "[::1]")
+METRIC_LINE = re.compile(r'(nv_inference_queue_duration_us|nv_inference_request_success)\{model="([^"]+)".*\} (\S+)')
 
 
 @dataclass
@@ -69,7 +70,7 @@ def queue_metrics(metrics_url: str) -> dict[str, tuple[float, float]]:
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     queue, success = {}, {}
     for line in text.splitlines():
-        match = re.match(r'(nv_inference_queue_duration_us|nv_inference_request_success)\{model="([^"]+)".*\} (\S+)', line)
+        match = METRIC_LINE.match(line)
         if match:
             target = queue if match.group(1) == "nv_inference_queue_duration_us" else success
             target[match.group(2)] = target.get(match.group(2), 0.0) + float(match.group(3))
@@ -153,8 +154,10 @@ def write_outputs(rows: list[dict], out: Path, header: str) -> None:
     lines = [header, "", "| mode | users | requests | failures | p50 | p95 | images/s | modes run | queue ms/request |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['users']} | {r['requests']} | {r['failures']} | {r['p50_s']:.2f} s "
-                     f"| {r['p95_s']:.2f} s | {r['images_per_s']:.3f} | {r['modes_run']} | {r['queue_ms_per_request']} |")
+        lines.append(
+            f"| {r['mode']} | {r['users']} | {r['requests']} | {r['failures']} | {r['p50_s']:.2f} s "
+            f"| {r['p95_s']:.2f} s | {r['images_per_s']:.3f} | {r['modes_run']} | {r['queue_ms_per_request']} |"
+        )
     (out / "loadtest.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
