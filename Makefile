@@ -18,7 +18,7 @@ OUT ?= out/image.png
 export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup serve test test-fast generate repository checkpoints lint clean bench
+.PHONY: setup serve test test-fast generate repository checkpoints lint clean bench loadtest
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,12 +32,16 @@ setup: $(VENV)/.installed
 checkpoints/sdxl-%/model_index.json: | setup
 	$(PY) -m export.build_checkpoint --family sdxl --size $* --out checkpoints/sdxl-$*
 
-checkpoints: checkpoints/sdxl-$(SIZE)/model_index.json
+checkpoints/sd3-%/model_index.json: | setup
+	$(PY) -m export.build_checkpoint --family sd3 --size $* --out checkpoints/sd3-$*
 
-# The served repository: SIZE=small on DEVICES=2 CPU cores by default (KIND=gpu for GPUs).
+checkpoints: checkpoints/sdxl-$(SIZE)/model_index.json checkpoints/sd3-$(SIZE)/model_index.json
+
+# The served repository: both families (SDXL and SD3) side by side, SIZE=small on DEVICES=2 CPU cores by
+# default (KIND=gpu for GPUs).
 repository: checkpoints
 	$(PY) -m export.make_repository --out model_repository --model sdxl=checkpoints/sdxl-$(SIZE) \
-		--devices $(DEVICES) --kind $(KIND)
+		--model sd3=checkpoints/sd3-$(SIZE) --devices $(DEVICES) --kind $(KIND)
 
 serve: repository
 	$(PY) -m hybridiff.tritonserver --model-repository model_repository \
@@ -56,6 +60,10 @@ generate: setup
 # Latency, speed-ups, efficiency, overhead, bytes moved and fidelity of every mode (small model, 50 steps).
 bench: repository
 	$(PY) -m client.bench --checkpoint checkpoints/sdxl-$(SIZE) --repository model_repository --out out/bench
+
+# Locust concurrency sweep (1, 2, 4, 8 users per mode and auto) against a server it starts on the small model.
+loadtest: repository
+	$(PY) -m loadtest.run --repository model_repository --out out/loadtest
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -110,7 +110,7 @@ def _summary(schedule: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate an image with the Hybridiff Triton server.")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--family", default="sdxl", help="the public model to call (sdxl)")
+    parser.add_argument("--family", default="sdxl", help="the public model (family) to call: sdxl or sd3")
     parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
     parser.add_argument("--url", help="host:port (default localhost:8000 for http, :8001 for grpc)")
     parser.add_argument("--out", type=Path, default=Path("out/image.png"))

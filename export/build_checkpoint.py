@@ -1,14 +1,16 @@
-"""Build small, seeded, random-weight checkpoints laid out like the real Stable Diffusion XL base folder.
+"""Build small, seeded, random-weight checkpoints laid out like the real Stable Diffusion XL and SD3 folders.
 
 Why: the serving stack, its tests and its benchmarks need a folder that ``StableDiffusionXLPipeline.from_pretrained``
-loads exactly as it loads ``stabilityai/stable-diffusion-xl-base-1.0`` (same component classes, subfolders, config
-keys and UNet block structure), but nothing can be downloaded here and the real model is far too big for a CPU box.
-The weights are random (so images are noise), yet every code path -- two text encoders, pooled embeddings, micro
-conditioning, classifier-free guidance, VAE decode -- runs as with the real model.
+(or ``StableDiffusion3Pipeline.from_pretrained``) loads exactly as it loads ``stabilityai/stable-diffusion-xl-base-1.0``
+(or ``stabilityai/stable-diffusion-3-medium-diffusers``): same component classes, subfolders, config keys and block
+structure. Nothing can be downloaded here and the real models are far too big for a CPU box. The weights are random
+(so images are noise), yet every code path -- the text encoders, pooled embeddings, micro conditioning,
+classifier-free guidance, VAE decode -- runs as with the real model. SD3's own pieces are in ``sd3_checkpoint.py``.
 
 Usage::
 
     python -m export.build_checkpoint --family sdxl --size tiny --out checkpoints/sdxl-tiny [--seed 0] [--force]
+    python -m export.build_checkpoint --family sd3 --size tiny --out checkpoints/sd3-tiny
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import shutil
 import sys
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +31,7 @@ import torch
 
 if TYPE_CHECKING:  # imported lazily at run time: the "already built" path should not pay for loading diffusers
     from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 SCHEDULERS = ("ddim", "euler")
 BOS_TOKEN = "<|startoftext|>"
@@ -335,21 +337,43 @@ def _mismatch(folder: Path, spec: SdxlSize, scheduler: str) -> str | None:
     return None
 
 
+def write_clip_tokenizers(
+    folder: Path, num_merges: int, pad_tokens: dict[str, str]
+) -> tuple[dict[str, int], dict[str, CLIPTokenizer], dict[str, dict[str, bytes]]]:
+    """Write one CLIP BPE tokenizer folder per entry of ``pad_tokens`` (subfolder -> pad token), all sharing one
+    vocabulary learned from the built-in prompt words.
+
+    Returns the vocabulary, the tokenizers loaded back through ``from_pretrained`` (the path a downloaded checkpoint
+    takes, so the in-memory tokenizers are the real thing) and the files written, for :func:`restore_files`.
+    """
+    from transformers import CLIPTokenizer
+
+    merges = learn_bpe_merges(_BPE_TRAINING_TEXT.split(), num_merges)
+    vocab = build_clip_vocab(merges)
+    for name, pad in pad_tokens.items():
+        write_clip_tokenizer(folder / name, vocab, merges, pad)
+    tokenizers = {name: CLIPTokenizer.from_pretrained(folder / name) for name in pad_tokens}
+    files = {name: {p.name: p.read_bytes() for p in (folder / name).iterdir()} for name in pad_tokens}
+    return vocab, tokenizers, files
+
+
+def restore_files(folder: Path, files: dict[str, dict[str, bytes]]) -> None:
+    """Replace each subfolder of ``folder`` named in ``files`` by exactly those files.
+
+    ``save_pretrained`` rewrites tokenizers in its own format; this restores the file set of the original checkpoint.
+    """
+    for name, contents in files.items():
+        shutil.rmtree(folder / name)
+        (folder / name).mkdir()
+        for filename, data in contents.items():
+            (folder / name / filename).write_bytes(data)
+
+
 def _write_checkpoint(folder: Path, spec: SdxlSize, seed: int, scheduler: str) -> None:
     """Build every component and save the pipeline into ``folder`` (which must be empty)."""
     from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTokenizer
 
-    words = _BPE_TRAINING_TEXT.split()
-    merges = learn_bpe_merges(words, spec.bpe_merges)
-    vocab = build_clip_vocab(merges)
-    for name, pad in TOKENIZER_PAD_TOKENS.items():
-        write_clip_tokenizer(folder / name, vocab, merges, pad)
-    # Load through the same path a downloaded checkpoint takes, so the in-memory tokenizers are the real thing.
-    tokenizers = {name: CLIPTokenizer.from_pretrained(folder / name) for name in TOKENIZER_PAD_TOKENS}
-    tokenizer_files = {
-        name: {p.name: p.read_bytes() for p in (folder / name).iterdir()} for name in TOKENIZER_PAD_TOKENS
-    }
+    vocab, tokenizers, tokenizer_files = write_clip_tokenizers(folder, spec.bpe_merges, TOKENIZER_PAD_TOKENS)
 
     torch.manual_seed(seed)
     # OpenAI CLIP ViT-L (quick_gelu) and OpenCLIP bigG (gelu, projected pooled output), as in SDXL.
@@ -389,13 +413,8 @@ def _write_checkpoint(folder: Path, spec: SdxlSize, seed: int, scheduler: str) -
         add_watermarker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
-
     # transformers rewrites tokenizers as tokenizer.json; restore the original SDXL file set.
-    for name, files in tokenizer_files.items():
-        shutil.rmtree(folder / name)
-        (folder / name).mkdir()
-        for filename, data in files.items():
-            (folder / name / filename).write_bytes(data)
+    restore_files(folder, tokenizer_files)
 
 
 def _make_readable(folder: Path) -> None:
@@ -422,23 +441,17 @@ def _move_into_place(built: Path, out_dir: Path) -> None:
     shutil.rmtree(stale, ignore_errors=True)
 
 
-def build_sdxl_checkpoint(
-    out_dir: str | Path, size: str = "tiny", seed: int = 0, scheduler: str = "ddim", force: bool = False
+def build_folder(
+    out_dir: Path, write: Callable[[Path], None], mismatch: Callable[[], str | None], label: str, force: bool
 ) -> Path:
-    """Build (or keep, if already complete) an SDXL-architecture checkpoint folder with seeded random weights.
+    """Build (or keep, if already complete) a checkpoint folder: ``write(folder)`` fills an empty folder.
 
-    The folder is built next to ``out_dir`` under a hidden temporary name and renamed into place at the end,
-    so an interrupted build never leaves a folder that looks usable. Returns ``out_dir`` as a Path.
+    The folder is built next to ``out_dir`` under a hidden temporary name and renamed into place at the end, so an
+    interrupted build never leaves a folder that looks usable. ``mismatch()`` describes how an existing complete
+    folder differs from the request (None: it matches). Returns ``out_dir``.
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}, expected one of {sorted(SIZES)}")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}, expected one of {SCHEDULERS}")
-    spec = SIZES[size]
-    out_dir = Path(out_dir)
-
     if _is_complete(out_dir) and not force:
-        problem = _mismatch(out_dir, spec, scheduler)
+        problem = mismatch()
         if problem is not None:
             raise FileExistsError(f"{out_dir} exists but {problem}; rebuild it with force=True (--force)")
         print(f"{out_dir}: complete checkpoint already present, nothing to do (use --force to rebuild)")
@@ -452,28 +465,74 @@ def build_sdxl_checkpoint(
     building = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     building.mkdir()
     try:
-        _write_checkpoint(building, spec, seed, scheduler)
+        write(building)
         _make_readable(building)
         _move_into_place(building, out_dir)
     finally:
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)
-    print(f"{out_dir}: built sdxl-{size} checkpoint (seed={seed}, scheduler={scheduler})")
+    print(f"{out_dir}: built {label}")
     return out_dir
+
+
+def build_sdxl_checkpoint(
+    out_dir: str | Path, size: str = "tiny", seed: int = 0, scheduler: str = "ddim", force: bool = False
+) -> Path:
+    """Build (or keep, if already complete) an SDXL-architecture checkpoint folder with seeded random weights.
+
+    See :func:`build_folder` for how the folder appears. Returns ``out_dir`` as a Path.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}, expected one of {sorted(SIZES)}")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}, expected one of {SCHEDULERS}")
+    spec = SIZES[size]
+    out_dir = Path(out_dir)
+    return build_folder(
+        out_dir,
+        lambda folder: _write_checkpoint(folder, spec, seed, scheduler),
+        lambda: _mismatch(out_dir, spec, scheduler),
+        f"sdxl-{size} checkpoint (seed={seed}, scheduler={scheduler})",
+        force,
+    )
+
+
+def build_sd3_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0, force: bool = False) -> Path:
+    """Build (or keep, if already complete) an SD3-architecture checkpoint folder with seeded random weights.
+
+    Laid out like ``stabilityai/stable-diffusion-3-medium-diffusers``; the SD3 pieces live in
+    :mod:`export.sd3_checkpoint` (imported here lazily: it imports this module's shared helpers).
+    """
+    from export.sd3_checkpoint import SD3_SIZES, sd3_mismatch, write_sd3_checkpoint
+
+    if size not in SD3_SIZES:
+        raise ValueError(f"unknown size {size!r}, expected one of {sorted(SD3_SIZES)}")
+    spec = SD3_SIZES[size]
+    out_dir = Path(out_dir)
+    return build_folder(
+        out_dir,
+        lambda folder: write_sd3_checkpoint(folder, spec, seed),
+        lambda: sd3_mismatch(out_dir, spec),
+        f"sd3-{size} checkpoint (seed={seed})",
+        force,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=["sdxl"], default="sdxl")
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--family", choices=["sdxl", "sd3"], default="sdxl")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="same names for both families")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to create")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="SDXL only (SD3: FlowMatchEuler)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete folder exists")
     args = parser.parse_args(argv)
     try:
-        build_sdxl_checkpoint(args.out, size=args.size, seed=args.seed, scheduler=args.scheduler, force=args.force)
+        if args.family == "sd3":
+            build_sd3_checkpoint(args.out, size=args.size, seed=args.seed, force=args.force)
+        else:
+            build_sdxl_checkpoint(args.out, size=args.size, seed=args.seed, scheduler=args.scheduler, force=args.force)
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -29,7 +29,12 @@ class Deployment:
 
     devices: int = 2
     kind: str = "cpu"  # "cpu" or "gpu"
-    orchestrator_instances: int = 2
+    orchestrator_instances: int = 4  # requests in flight per family (each instance is a process)
+    max_device_batch: int = 8  # samples one denoiser forward may hold when requests meet on a device
+    # How long a device waits for more requests before a forward. 0 batches only what queued while
+    # it was busy; a delay of about one orchestrator round trip also catches requests stepping in
+    # alternation, at that cost per step for a request that is alone.
+    batch_delay_us: int = 0
     limits: Limits = Limits()
 
     @property
@@ -46,9 +51,12 @@ def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) 
     return f'  {{ name: "{name}" data_type: {data_type} dims: [ {", ".join(map(str, dims))} ]{opt} }}'
 
 
-def _spec(spec: TensorSpec, deployment: Deployment, prefix: str = "", optional: bool = False) -> str:
+def _spec(
+    spec: TensorSpec, deployment: Deployment, prefix: str = "", optional: bool = False, batched: bool = False
+) -> str:
+    """``batched``: the model has max_batch_size > 0, so the batch dimension is implicit."""
     data_type = deployment.wire_type if spec.model_dtype else "TYPE_FP32"
-    return _tensor(prefix + spec.name, data_type, [-1] * spec.rank, optional)
+    return _tensor(prefix + spec.name, data_type, [-1] * (spec.rank - batched), optional)
 
 
 def _parameters(values: dict[str, str]) -> str:
@@ -62,11 +70,13 @@ def _instances(deployment: Deployment, device: int, count: int = 1, cpu_only: bo
     return f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]\n"
 
 
-def _config(name: str, inputs: list[str], outputs: list[str], rest: str, backend: bool = True) -> str:
+def _config(
+    name: str, inputs: list[str], outputs: list[str], rest: str, backend: bool = True, max_batch_size: int = 0
+) -> str:
     head = f'name: "{name}"\n' + ('backend: "python"\n' if backend else 'platform: "ensemble"\n')
     return (
         head
-        + "max_batch_size: 0\n"
+        + f"max_batch_size: {max_batch_size}\n"
         + "input [\n"
         + ",\n".join(inputs)
         + "\n]\noutput [\n"
@@ -108,20 +118,29 @@ def family_models(family: Family, checkpoint: str, deployment: Deployment) -> di
         "text_encoder",
     )
     for i, model_name in enumerate(denoisers):
+        # Batched (implicit first dimension = the request's guidance branches) so that Triton's
+        # dynamic batcher queues requests meeting on this device into one execute().
         inputs = [
-            _tensor("SAMPLE", "TYPE_FP32", [-1] * family.latent_rank),
+            _tensor("SAMPLE", "TYPE_FP32", [-1] * (family.latent_rank - 1)),
             _tensor("TIMESTEP", "TYPE_FP32", [1]),
             _tensor("STAGE", "TYPE_INT32", [1]),
             _tensor("CAPTURE_STAGE", "TYPE_INT32", [1]),
-            *[_spec(s, deployment) for s in family.conditioning],
-            *[_spec(s, deployment, optional=True) for s in family.activations],
+            *[_spec(s, deployment, batched=True) for s in family.conditioning],
+            *[_spec(s, deployment, optional=True, batched=True) for s in family.activations],
         ]
-        outputs = [_tensor("EPS", deployment.wire_type, [-1] * family.latent_rank)]
-        outputs += [_spec(s, deployment) for s in family.activations]
-        outputs.append(_tensor("COMPUTE_SECONDS", "TYPE_FP64", [1]))
+        outputs = [_tensor("EPS", deployment.wire_type, [-1] * (family.latent_rank - 1))]
+        outputs += [_spec(s, deployment, batched=True) for s in family.activations]
+        outputs += [_tensor("COMPUTE_SECONDS", "TYPE_FP64", [1]), _tensor("BATCHED_REQUESTS", "TYPE_INT32", [1])]
         params = {**common, "cpu_cores": str(i), "torch_threads": "1"}
+        batching = f"dynamic_batching {{ max_queue_delay_microseconds: {deployment.batch_delay_us} }}\n"
         models[model_name] = (
-            _config(model_name, inputs, outputs, _instances(deployment, i) + _parameters(params)),
+            _config(
+                model_name,
+                inputs,
+                outputs,
+                batching + _instances(deployment, i) + _parameters(params),
+                max_batch_size=deployment.max_device_batch,
+            ),
             "denoiser",
         )
     models[f"{name}_vae"] = (
@@ -218,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--devices", type=int, default=2, help="denoiser devices (one model each)")
     parser.add_argument("--kind", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--orchestrator-instances", type=int, default=2)
+    parser.add_argument("--orchestrator-instances", type=int, default=Deployment.orchestrator_instances)
+    parser.add_argument("--batch-delay-us", type=int, default=Deployment.batch_delay_us,
+                        help="denoiser dynamic batching: max queue delay in microseconds")
     parser.add_argument("--max-height", type=int, default=Limits.max_height)
     parser.add_argument("--max-width", type=int, default=Limits.max_width)
     parser.add_argument("--max-steps", type=int, default=Limits.max_steps)
@@ -230,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         devices=args.devices,
         kind=args.kind,
         orchestrator_instances=args.orchestrator_instances,
+        batch_delay_us=args.batch_delay_us,
         limits=Limits(max_height=args.max_height, max_width=args.max_width, max_steps=args.max_steps),
     )
     out = write_repository(args.out, {k: Path(v) for k, v in checkpoints.items()}, deployment)

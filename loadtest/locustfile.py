@@ -28,17 +28,20 @@ PROMPTS = [
     "a futuristic city street at night with neon signs",
     "a bowl of ripe peaches on a wooden table",
 ]
-SIZES = [int(s) for s in os.environ.get("LOADTEST_SIZES", "256,320").split(",")]
-STEPS = int(os.environ.get("LOADTEST_STEPS", "20"))
 MODES = ["serial", "cfg_parallel", "hybrid", "auto"]
 
 
 def request_fields(rng: random.Random, mode: str) -> tuple[int, dict]:
-    """A random request of the mix: prompt index and fields (seed fixed per prompt and size)."""
+    """A random request of the mix: prompt index and fields (seed fixed per prompt and size).
+
+    ``LOADTEST_SIZES`` (default 256,320) and ``LOADTEST_STEPS`` (default 20) shape the mix.
+    """
+    sizes = [int(s) for s in os.environ.get("LOADTEST_SIZES", "256,320").split(",")]
+    steps = int(os.environ.get("LOADTEST_STEPS", "20"))
     prompt = rng.randrange(len(PROMPTS))
-    size = rng.choice(SIZES)
+    size = rng.choice(sizes)
     chosen = rng.choice(MODES) if mode == "mix" else mode
-    fields = {"mode": chosen, "seed": 1000 * prompt + size, "steps": STEPS, "height": size, "width": size}
+    fields = {"mode": chosen, "seed": 1000 * prompt + size, "steps": steps, "height": size, "width": size}
     return prompt, fields
 
 

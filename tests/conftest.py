@@ -1,4 +1,4 @@
-"""Shared fixtures: the built-in tiny checkpoints (built once, reused by every test and server)."""
+"""Shared fixtures: the built-in tiny SDXL and SD3 checkpoints (built once, reused by every test and server)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,10 @@ def sdxl_tiny() -> Path:
     from export.build_checkpoint import build_sdxl_checkpoint
 
     return build_sdxl_checkpoint(CHECKPOINTS / "sdxl-tiny", size="tiny")
+
+
+@pytest.fixture(scope="session")
+def sd3_tiny() -> Path:
+    from export.build_checkpoint import build_sd3_checkpoint
+
+    return build_sd3_checkpoint(CHECKPOINTS / "sd3-tiny", size="tiny")

@@ -70,3 +70,8 @@ def test_board_is_shared_between_processes_and_forgets_dead_ones(tmp_path):
     os.kill(holder.pid, 9)  # dies without releasing
     holder.join()
     assert board.loads() == [0, 0]
+
+
+def test_placement_without_guidance_occupies_one_device():
+    assert place_request(Mode.CFG_PARALLEL, [0, 0], guidance=False).devices == (0,)
+    assert place_request(Mode.PIPELINE, [0, 0], guidance=False).devices == (0, 1)

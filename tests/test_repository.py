@@ -58,10 +58,27 @@ def test_generation_is_reproducible(tmp_path):
         assert not sub.diff_files and not sub.left_only and not sub.right_only
 
 
+def test_sd3_alone_or_beside_sdxl_gets_its_own_models_and_wire_tensors(tmp_path):
+    sd3_only = write_repository(tmp_path / "a", {"sd3": tmp_path / "sd3"}, Deployment())
+    sd3_models = ["sd3", "sd3_denoiser_0", "sd3_denoiser_1", "sd3_orchestrator", "sd3_text_encoder", "sd3_vae"]
+    assert sorted(p.name for p in sd3_only.iterdir()) == sd3_models
+    assert 'name: "cond_POOLED_EMBEDS"' in read(sd3_only, "sd3_text_encoder")
+    denoiser = read(sd3_only, "sd3_denoiser_0")
+    assert 'name: "MIDDLE_HIDDEN"' in denoiser and 'name: "MIDDLE_ENCODER"' in denoiser
+    assert "TIME_IDS" not in denoiser and "HEAD_ACT" not in denoiser
+    assert 'string_value: "sd3"' in read(sd3_only, "sd3_orchestrator")
+    both = write_repository(tmp_path / "b", {"sdxl": tmp_path / "sdxl", "sd3": tmp_path / "sd3"}, Deployment())
+    names = sorted(p.name for p in both.iterdir())
+    assert [n for n in names if n.startswith("sd3")] == sd3_models and len(names) == 2 * len(sd3_models)
+    for name in sd3_models:
+        assert read(both, name) == read(sd3_only, name)  # one family's models do not depend on the other
+
+
 def test_committed_repository_is_what_make_repository_writes(tmp_path):
-    """model_repository/ in git is `make repository` output (small SDXL, 2 CPU devices)."""
+    """model_repository/ in git is `make repository` output (small SDXL and SD3 side by side, 2 CPU devices)."""
     out = tmp_path / "model_repository"
-    write_repository(out, {"sdxl": tmp_path / "checkpoints" / "sdxl-small"}, Deployment(devices=2))
+    checkpoints = tmp_path / "checkpoints"
+    write_repository(out, {"sdxl": checkpoints / "sdxl-small", "sd3": checkpoints / "sd3-small"}, Deployment(devices=2))
     for path in sorted(out.rglob("*")):
         if path.is_file():
             committed = REPO / "model_repository" / path.relative_to(out)

@@ -113,8 +113,9 @@ def test_concurrent_requests_in_different_modes_equal_their_solo_runs(server, se
     for thread in threads:
         thread.join(timeout=300)
     assert not errors, errors
-    assert np.array_equal(results["serial"], serial_image)
-    assert np.array_equal(results["hybrid"], solo_hybrid)
+    # <= 1 rather than equal: passes that meet on a device may be batched together.
+    assert max_diff(results["serial"], serial_image) <= 1
+    assert max_diff(results["hybrid"], solo_hybrid) <= 1
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -167,3 +168,95 @@ def test_a_batch_of_prompts_gets_one_image_and_schedule_each(server):
     assert result.images.shape == (2, 64, 64, 3)
     assert [s["seed"] for s in result.schedules] == [3, 4]
     assert not np.array_equal(result.images[0], result.images[1])
+
+
+def _concurrent(server, calls: list[dict]) -> list:
+    results: list = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = call(server, "grpc" if i % 2 else "http", **calls[i])
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    return results
+
+
+def test_auto_is_the_default_and_runs_hybrid_when_alone(server):
+    schedule = call(server, "http", **HYBRID_KNOBS).schedules[0]
+    assert schedule["mode_requested"] == "auto"
+    assert schedule["mode_run"] == "hybrid" and schedule["devices"] == [0, 1]
+    assert schedule["loads_seen"] == [0, 0]
+
+
+def test_auto_under_load_runs_serial_on_the_least_busy_device_with_the_solo_image(server):
+    long = {"steps": 40, **HYBRID_KNOBS}
+    results = _concurrent(server, [dict(long, seed=s) for s in (11, 12, 13)])
+    schedules = [r.schedules[0] for r in results]
+    assert {s["mode_run"] for s in schedules} == {"hybrid", "serial"}, schedules
+    for result, schedule in zip(results, schedules, strict=True):
+        if schedule["mode_run"] == "serial":
+            assert max(schedule["loads_seen"]) > 0
+            assert schedule["devices"] == [min(range(2), key=lambda d: (schedule["loads_seen"][d], d))]
+        solo = call(server, "http", **long, seed=schedule["seed"], mode=schedule["mode_run"]).images[0]
+        assert max_diff(result.images[0], solo) <= 1
+
+
+def test_concurrent_serial_requests_spread_over_the_devices(server):
+    results = _concurrent(server, [{"mode": "serial", "steps": 40, "seed": s} for s in (21, 22)])
+    devices = sorted(r.schedules[0]["devices"][0] for r in results)
+    assert devices == [0, 1]
+
+
+def test_serial_requests_meeting_on_a_device_are_batched_and_keep_their_images(server):
+    calls = [{"mode": "serial", "steps": 30, "seed": 30 + i} for i in range(6)]
+    results = _concurrent(server, calls)
+    schedules = [r.schedules[0] for r in results]
+    assert sorted(s["devices"][0] for s in schedules).count(0) >= 2  # several requests per device
+    assert sum(s["batched_steps"] for s in schedules) > 0, schedules
+    for fields, result in zip(calls, results, strict=True):
+        solo = call(server, "http", **fields)
+        assert solo.schedules[0]["batched_steps"] == 0
+        assert max_diff(result.images[0], solo.images[0]) <= 1
+
+
+def test_orchestrator_exports_schedule_metrics(server):
+    import urllib.request
+
+    call(server, "http", mode="hybrid", **HYBRID_KNOBS)
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    images = [line for line in text.splitlines() if line.startswith("hybridiff_images_total{")]
+    assert any('mode_run="hybrid"' in line and 'family="sdxl"' in line for line in images), images
+    assert "hybridiff_tau1_step_bucket" in text and "hybridiff_tau2_step_count" in text
+    steps = {line.split('phase="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+             for line in text.splitlines() if line.startswith("hybridiff_phase_steps_total{")}
+    assert steps.get("pipeline", 0) >= 1 and steps.get("partition", 0) >= 1
+    assert "hybridiff_phase_seconds_total{" in text
+
+
+def test_locust_sweep_runs_clean_against_the_server(server, tmp_path):
+    """The load test itself, bounded: Locust users over HTTP, no failure, images equal to solo runs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LOADTEST_SIZES": "64", "LOADTEST_STEPS": "6"}
+    command = [
+        sys.executable, "-m", "loadtest.run", "--url", server.http_url, "--metrics-url", server.metrics_url,
+        "--modes", "auto,serial", "--users", "1,2", "--requests", "3", "--seconds", "60", "--out", str(tmp_path),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (tmp_path / "loadtest.md").read_text()
+    assert "Failed requests: 0" in table and "max abs pixel difference" in table
+    assert (tmp_path / "loadtest.png").stat().st_size > 0
+    rows = (tmp_path / "loadtest.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4  # header + 2 modes x 2 user counts

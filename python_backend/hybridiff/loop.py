@@ -73,6 +73,7 @@ class ImageRequest:
     mode: Mode
     knobs: HybridKnobs
     device: int = 0  # where single-device steps run
+    pair: tuple[int, int] = (0, 1)  # where parallel steps run
 
 
 @dataclass
@@ -88,6 +89,7 @@ class LoopReport:
     overhead_seconds: float = 0.0
     bytes_to_devices: int = 0
     bytes_from_devices: int = 0
+    batched_steps: int = 0  # steps whose device pass was shared with other requests
 
     def as_dict(self) -> dict:
         return {
@@ -98,6 +100,7 @@ class LoopReport:
             "overhead_seconds": round(self.overhead_seconds, 6),
             "bytes_to_devices": self.bytes_to_devices,
             "bytes_from_devices": self.bytes_from_devices,
+            "batched_steps": self.batched_steps,
         }
 
 
@@ -125,8 +128,9 @@ async def denoise_image(
         guidance=request.guidance_scale > 1.0,
         device=request.device,
         devices=transport.num_devices,
+        pair=request.pair,
     )
-    scheduler = sampler.new_scheduler(request.steps)
+    scheduler = sampler.new_scheduler(request.steps, request.height, request.width)
     latents = sampler.prepare_latents(scheduler, request.seed, request.height, request.width)
     extra = sampler.extra_conditioning(request.height, request.width)
     cond = {branch: {**tensors, **extra} for branch, tensors in branch_cond.items()}
@@ -157,6 +161,7 @@ async def denoise_image(
         for a, out in zip(plan.assignments, outputs, strict=True):
             report.device_seconds[a.device] = report.device_seconds.get(a.device, 0.0) + out.compute_seconds
         longest_compute = max(out.compute_seconds for out in outputs)
+        report.batched_steps += any(out.batched_requests > 1 for out in outputs)
         report.bytes_to_devices += sum(t.nbytes() for t in tasks)
         report.bytes_from_devices += sum(_output_nbytes(o) for o in outputs)
 

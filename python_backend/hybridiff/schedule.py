@@ -84,6 +84,15 @@ class HybridKnobs:
             raise ValueError(f"pipeline_warmup must be >= 1, got {self.pipeline_warmup}")
 
 
+def effective_mode(mode: Mode, guidance: bool, devices: int) -> Mode:
+    """The mode actually run: one device, or no guidance to partition by condition, means serial."""
+    if devices < 2:
+        return Mode.SERIAL
+    if not guidance and mode in (Mode.CFG_PARALLEL, Mode.HYBRID):
+        return Mode.SERIAL
+    return mode
+
+
 def rel_mae(mean_abs_diff: float, mean_abs_uncond: float) -> float:
     """mean|eps_c - eps_u| / mean|eps_u|: how far the two guidance branches still disagree."""
     return mean_abs_diff / (mean_abs_uncond + 1e-12)
@@ -131,12 +140,7 @@ class GuidanceSchedule:
 
     @property
     def effective_mode(self) -> Mode:
-        """The mode actually run: without guidance there is nothing to partition by condition."""
-        if self.devices < 2:
-            return Mode.SERIAL
-        if not self.guidance and self.mode in (Mode.CFG_PARALLEL, Mode.HYBRID):
-            return Mode.SERIAL
-        return self.mode
+        return effective_mode(self.mode, self.guidance, self.devices)
 
     @property
     def tau2(self) -> int | None:
@@ -230,10 +234,15 @@ class Placement:
     mode: Mode
     device: int  # single-device steps
     pair: tuple[int, int]  # parallel steps
+    guidance: bool = True
 
     @property
     def devices(self) -> tuple[int, ...]:
-        return (self.device,) if self.mode is Mode.SERIAL else self.pair
+        """The devices this request keeps busy."""
+        num_devices = 1 if self.pair[0] == self.pair[1] else 2
+        if effective_mode(self.mode, self.guidance, num_devices) is Mode.SERIAL:
+            return (self.device,)
+        return self.pair
 
 
 def place_request(mode: Mode, loads: list[int], guidance: bool) -> Placement:
@@ -251,4 +260,4 @@ def place_request(mode: Mode, loads: list[int], guidance: bool) -> Placement:
     if mode is Mode.AUTO:
         idle_pair = len(by_load) >= 2 and loads[pair[0]] == 0 and loads[pair[1]] == 0
         mode = Mode.HYBRID if idle_pair and guidance else Mode.SERIAL
-    return Placement(mode, least, pair)
+    return Placement(mode, least, pair, guidance)

@@ -11,4 +11,8 @@ def get_family(name: str) -> Family:
         from .sdxl import SDXLFamily
 
         return SDXLFamily()
-    raise ValueError(f"unknown model family {name!r}; known: sdxl")
+    if name == "sd3":
+        from .sd3 import SD3Family
+
+        return SD3Family()
+    raise ValueError(f"unknown model family {name!r}; known: sdxl, sd3")

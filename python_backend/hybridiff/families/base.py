@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..schedule import HybridKnobs
+from ..schedule import COND, UNCOND, HybridKnobs
 from ..stale import StageSplit, run_stage
 
 Conditioning = dict[str, torch.Tensor]  # one guidance branch's tensors, batch 1
@@ -46,6 +46,7 @@ class DenoiseOutput:
     eps: torch.Tensor | None  # noise (or velocity) prediction; None for a non-final stage
     activations: dict[str, torch.Tensor]  # wire name -> tensor, for the other stages
     compute_seconds: float = 0.0  # time on the device, to tell compute from orchestration overhead
+    batched_requests: int = 1  # requests that shared this forward (dynamic batching on the device)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -142,6 +143,11 @@ class TextEncoder(ABC):
         """Prompts -> per-branch tensors named ``{UNCOND,COND}_{name}`` (batch = len(prompts))."""
 
 
+def branch_tensors(cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Name a text encoder's outputs per guidance branch, as :meth:`TextEncoder.encode` returns them."""
+    return {**{f"{COND}_{k}": v for k, v in cond.items()}, **{f"{UNCOND}_{k}": v for k, v in uncond.items()}}
+
+
 class Family(ABC):
     """A model family: its names, wire tensors, defaults and loaders."""
 
@@ -179,16 +185,32 @@ class Sampler(ABC):
     latent_channels: int
     vae_scale_factor: int
 
-    @abstractmethod
-    def new_scheduler(self, steps: int):
-        """A fresh scheduler with timesteps set (schedulers are stateful: one per image)."""
+    @property
+    def max_size(self) -> int | None:
+        """The largest image side the model can run at, if it has one (SD3's position table)."""
+        return None
 
-    def prepare_latents(self, scheduler, seed: int, height: int, width: int) -> torch.Tensor:
-        """Initial noise drawn exactly as diffusers' ``prepare_latents`` draws it on the CPU."""
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (the VAE's scale factor, times the patch size for a DiT)."""
+        return self.vae_scale_factor
+
+    @abstractmethod
+    def new_scheduler(self, steps: int, height: int, width: int):
+        """A fresh scheduler with timesteps set (schedulers are stateful: one per image).
+
+        The image size matters to schedulers whose shift depends on the resolution (SD3's dynamic shifting).
+        """
+
+    def initial_noise(self, seed: int, height: int, width: int) -> torch.Tensor:
+        """Unit Gaussian latents drawn exactly as diffusers' ``prepare_latents`` draws them on the CPU."""
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32)
-        return latents * scheduler.init_noise_sigma
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+    def prepare_latents(self, scheduler, seed: int, height: int, width: int) -> torch.Tensor:
+        """The first latents: noise scaled to the scheduler's initial sigma, as the SD/SDXL pipelines do."""
+        return self.initial_noise(seed, height, width) * scheduler.init_noise_sigma
 
     def extra_conditioning(self, height: int, width: int) -> Conditioning:
         """Conditioning the orchestrator adds to both branches (SDXL's time ids); none by default."""
@@ -199,3 +221,44 @@ class Sampler(ABC):
 
     def step(self, scheduler, eps: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor):
         return scheduler.step(eps, timestep, latents, return_dict=False)[0]
+
+
+def vae_scale_factor(folder: Path) -> int:
+    """2 ** (levels - 1), as the diffusers pipelines compute it from the VAE config (no weights read)."""
+    from diffusers import AutoencoderKL
+
+    config = AutoencoderKL.load_config(folder, subfolder="vae")
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+class VaeDecoder:
+    """``vae/`` of a checkpoint: final latents to uint8 images, undoing the latent normalisation as the pipelines do
+    (SDXL: per-channel mean/std when the config has them, else the scaling factor; SD3: scaling and shift factor).
+
+    ``honor_force_upcast``: the SDXL pipeline decodes fp16 in fp32 when the config says so (its VAE overflows);
+    the SD3 pipeline never does.
+    """
+
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, honor_force_upcast: bool) -> None:
+        from diffusers import AutoencoderKL
+
+        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype).to(device).eval()
+        if honor_force_upcast and dtype == torch.float16 and self.vae.config.force_upcast:
+            self.vae.to(torch.float32)
+        self.device = device
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        vae = self.vae
+        config = vae.config
+        latents = latents.to(self.device, vae.dtype)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std_t / config.scaling_factor + mean_t
+        else:
+            latents = latents / config.scaling_factor
+            if getattr(config, "shift_factor", None) is not None:
+                latents = latents + config.shift_factor
+        return images_to_uint8(vae.decode(latents, return_dict=False)[0])

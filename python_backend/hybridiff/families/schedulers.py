@@ -15,10 +15,13 @@ def load_scheduler_config(folder: Path) -> tuple[type, dict]:
     return scheduler_class, scheduler_class.from_config(config).config
 
 
-def new_scheduler(scheduler_class: type, config: dict, steps: int):
-    """A scheduler with its timesteps set; schedulers keep a step index, so never share one."""
+def new_scheduler(scheduler_class: type, config: dict, steps: int, **set_timesteps_kwargs):
+    """A scheduler with its timesteps set; schedulers keep a step index, so never share one.
+
+    ``set_timesteps_kwargs`` go to ``set_timesteps`` as the pipeline passes them (e.g. SD3's ``mu``).
+    """
     scheduler = scheduler_class.from_config(config)
-    scheduler.set_timesteps(steps, device="cpu")
+    scheduler.set_timesteps(steps, device="cpu", **set_timesteps_kwargs)
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     return scheduler

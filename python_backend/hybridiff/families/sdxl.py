@@ -11,12 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D
 
-from ..schedule import COND, UNCOND, HybridKnobs
+from ..schedule import HybridKnobs
 from ..stale import StageSplit
 from .base import (
     Conditioning,
@@ -26,7 +25,9 @@ from .base import (
     Sampler,
     TensorSpec,
     TextEncoder,
-    images_to_uint8,
+    VaeDecoder,
+    branch_tensors,
+    vae_scale_factor,
 )
 from .schedulers import load_scheduler_config, new_scheduler
 
@@ -118,23 +119,19 @@ class SDXLTextEncoder(TextEncoder):
             do_classifier_free_guidance=True,
             negative_prompt=negative_prompts,
         )
-        return {
-            f"{COND}_PROMPT_EMBEDS": embeds,
-            f"{COND}_TEXT_EMBEDS": pooled,
-            f"{UNCOND}_PROMPT_EMBEDS": neg_embeds,
-            f"{UNCOND}_TEXT_EMBEDS": neg_pooled,
-        }
+        return branch_tensors(
+            {"PROMPT_EMBEDS": embeds, "TEXT_EMBEDS": pooled}, {"PROMPT_EMBEDS": neg_embeds, "TEXT_EMBEDS": neg_pooled}
+        )
 
 
 class SDXLSampler(Sampler):
     def __init__(self, folder: Path) -> None:
         unet_config = UNet2DConditionModel.load_config(folder, subfolder="unet")
-        vae_config = AutoencoderKL.load_config(folder, subfolder="vae")
         self.latent_channels = unet_config["in_channels"]
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.vae_scale_factor = vae_scale_factor(folder)
         self.scheduler_class, self.scheduler_config = load_scheduler_config(folder)
 
-    def new_scheduler(self, steps: int):
+    def new_scheduler(self, steps: int, height: int, width: int):
         return new_scheduler(self.scheduler_class, self.scheduler_config, steps)
 
     def extra_conditioning(self, height: int, width: int) -> Conditioning:
@@ -146,28 +143,6 @@ class SDXLSampler(Sampler):
         # eta=0 is what StableDiffusionXLPipeline passes to DDIM.
         kwargs = {"eta": 0.0} if "eta" in scheduler.step.__code__.co_varnames else {}
         return scheduler.step(eps, timestep, latents, **kwargs, return_dict=False)[0]
-
-
-class SDXLDecoder:
-    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
-        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype).to(device).eval()
-        # fp16 SDXL VAEs overflow: diffusers upcasts when the config says so; we do the same.
-        if dtype == torch.float16 and self.vae.config.force_upcast:
-            self.vae.to(torch.float32)
-        self.device = device
-
-    @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        vae = self.vae
-        latents = latents.to(self.device, vae.dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std_t / vae.config.scaling_factor + mean_t
-        else:
-            latents = latents / vae.config.scaling_factor
-        return images_to_uint8(vae.decode(latents, return_dict=False)[0])
 
 
 class SDXLFamily(Family):
@@ -191,8 +166,8 @@ class SDXLFamily(Family):
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype)
         return SDXLDenoiser(unet, device, dtype)
 
-    def load_decoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> SDXLDecoder:
-        return SDXLDecoder(folder, device, dtype)
+    def load_decoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> VaeDecoder:
+        return VaeDecoder(folder, device, dtype, honor_force_upcast=True)
 
     def load_sampler(self, folder: Path) -> SDXLSampler:
         return SDXLSampler(folder)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from ..batching import run_tasks
 from ..families import get_family
+from ..families.base import DenoiseOutput
+from ..loop import DenoiseTask
 from .common import error_response, input_tensor, model_context, response
 
 
@@ -23,30 +26,49 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        return [self._execute_one(request) for request in requests]
-
-    def _execute_one(self, request):
+        """Requests queued while the device was busy arrive together; compatible ones share a forward."""
+        responses: list = [None] * len(requests)
+        tasks, indices = [], []
+        for index, request in enumerate(requests):
+            try:
+                tasks.append(self._task(request))
+                indices.append(index)
+            except (ValueError, KeyError) as err:
+                responses[index] = error_response(f"denoiser: {err}")
         try:
-            stage = int(input_tensor(request, "STAGE").item())
-            capture_stage = int(input_tensor(request, "CAPTURE_STAGE").item())
-            cond = {spec.name: input_tensor(request, spec.name) for spec in self.family.conditioning}
-            stale = {}
-            for spec in self.family.activations:
-                value = input_tensor(request, spec.name)
-                if value is not None:
-                    stale[spec.name] = value
-            output = self.denoiser.run(
-                input_tensor(request, "SAMPLE"),
-                input_tensor(request, "TIMESTEP"),
-                cond,
-                stage=None if stage < 0 else stage,
-                stale=stale,
-                capture_stage=None if capture_stage < 0 else capture_stage,
-            )
+            outputs = run_tasks(self.denoiser, tasks)
         except (ValueError, KeyError, RuntimeError) as err:
-            return error_response(f"denoiser: {err}")
+            for index in indices:
+                responses[index] = error_response(f"denoiser: {err}")
+            return responses
+        for index, task, output in zip(indices, tasks, outputs, strict=True):
+            responses[index] = self._response(task, output)
+        return responses
+
+    def _task(self, request) -> DenoiseTask:
+        stage = int(input_tensor(request, "STAGE").reshape(-1)[0])
+        capture_stage = int(input_tensor(request, "CAPTURE_STAGE").reshape(-1)[0])
+        stale = {}
+        for spec in self.family.activations:
+            value = input_tensor(request, spec.name)
+            if value is not None:
+                stale[spec.name] = value
+        return DenoiseTask(
+            sample=input_tensor(request, "SAMPLE"),
+            timestep=input_tensor(request, "TIMESTEP").reshape(-1)[:1],
+            cond={spec.name: input_tensor(request, spec.name) for spec in self.family.conditioning},
+            stage=None if stage < 0 else stage,
+            stale=stale,
+            capture_stage=None if capture_stage < 0 else capture_stage,
+            want_eps=True,
+        )
+
+    @staticmethod
+    def _response(task: DenoiseTask, output: DenoiseOutput):
+        batch = task.sample.shape[0]
         tensors = dict(output.activations)
         if output.eps is not None:
             tensors["EPS"] = output.eps
-        tensors["COMPUTE_SECONDS"] = torch.tensor([output.compute_seconds], dtype=torch.float64)
+        tensors["COMPUTE_SECONDS"] = torch.full((batch, 1), output.compute_seconds, dtype=torch.float64)
+        tensors["BATCHED_REQUESTS"] = torch.full((batch, 1), output.batched_requests, dtype=torch.int32)
         return response(tensors)

@@ -9,6 +9,7 @@ tensor that moves between devices passes through here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import numpy as np
@@ -16,10 +17,12 @@ import torch
 
 from ..families import get_family
 from ..families.base import DenoiseOutput, Family
-from ..loop import DenoiseTask, denoise_image
+from ..load import LoadBoard, default_board_path
+from ..loop import DenoiseTask, ImageRequest, denoise_image
 from ..params import PARAMETERS, InvalidParameter, Limits, parse_image_requests
-from ..schedule import COND, UNCOND
+from ..schedule import COND, UNCOND, place_request
 from .common import error_response, from_triton, input_array, input_tensor, model_context, to_triton
+from .metrics import OrchestratorMetrics
 
 
 class DeviceError(RuntimeError):
@@ -45,20 +48,26 @@ class BLSTransport:
         return self.pb.PreferredMemory(self.pb.TRITONSERVER_MEMORY_GPU, device)
 
     async def denoise(self, device: int, task: DenoiseTask) -> DenoiseOutput:
+        # Every input carries the request's batch (its branches) first, so Triton's dynamic
+        # batcher can queue requests that meet on this device together.
+        batch = next(iter(task.cond.values())).shape[0]
+
+        def per_sample(value: float, dtype: torch.dtype) -> torch.Tensor:
+            return torch.full((batch, 1), value, dtype=dtype)
+
         inputs = [
-            to_triton("SAMPLE", task.sample.to(torch.float32)),
-            to_triton("TIMESTEP", task.timestep.to(torch.float32)),
-            to_triton("STAGE", torch.tensor([-1 if task.stage is None else task.stage], dtype=torch.int32)),
+            to_triton("SAMPLE", task.sample.to(torch.float32).expand(batch, *task.sample.shape[1:])),
+            to_triton("TIMESTEP", per_sample(float(task.timestep.reshape(-1)[0]), torch.float32)),
+            to_triton("STAGE", per_sample(-1 if task.stage is None else task.stage, torch.int32)),
             to_triton(
-                "CAPTURE_STAGE",
-                torch.tensor([-1 if task.capture_stage is None else task.capture_stage], dtype=torch.int32),
+                "CAPTURE_STAGE", per_sample(-1 if task.capture_stage is None else task.capture_stage, torch.int32)
             ),
         ]
         inputs += [to_triton(name, t.to(self.wire_dtype)) for name, t in task.cond.items()]
         inputs += [to_triton(name, t.to(self.wire_dtype)) for name, t in task.stale.items()]
         export_stage = task.stage if task.stage is not None else task.capture_stage
         exports = list(self.family.stage_exports[export_stage]) if export_stage is not None else []
-        requested = (["EPS"] if task.want_eps else []) + exports + ["COMPUTE_SECONDS"]
+        requested = (["EPS"] if task.want_eps else []) + exports + ["COMPUTE_SECONDS", "BATCHED_REQUESTS"]
         kwargs = {}
         memory = self._preferred_memory(device)
         if memory is not None:
@@ -74,8 +83,9 @@ class BLSTransport:
             return from_triton(self.pb.get_output_tensor_by_name(reply, name))
 
         eps = output("EPS") if task.want_eps else None
-        compute_seconds = float(output("COMPUTE_SECONDS").item())
-        return DenoiseOutput(eps, {name: output(name) for name in exports}, compute_seconds)
+        compute_seconds = float(output("COMPUTE_SECONDS").reshape(-1)[0])
+        batched = int(output("BATCHED_REQUESTS").reshape(-1)[0])
+        return DenoiseOutput(eps, {name: output(name) for name in exports}, compute_seconds, batched)
 
 
 class TritonPythonModel:
@@ -87,12 +97,13 @@ class TritonPythonModel:
         params = context.params
         self.family = get_family(params["family"])
         self.sampler = self.family.load_sampler(context.checkpoint)
+        model_max = self.sampler.max_size or 1 << 30
         self.limits = Limits(
-            max_height=int(params.get("max_height", Limits.max_height)),
-            max_width=int(params.get("max_width", Limits.max_width)),
+            max_height=min(int(params.get("max_height", Limits.max_height)), model_max),
+            max_width=min(int(params.get("max_width", Limits.max_width)), model_max),
             max_steps=int(params.get("max_steps", Limits.max_steps)),
             max_batch=int(params.get("max_batch", Limits.max_batch)),
-            size_multiple=self.sampler.vae_scale_factor,
+            size_multiple=self.sampler.size_multiple,
         )
         self.transport = BLSTransport(
             self.family,
@@ -100,6 +111,31 @@ class TritonPythonModel:
             context.placement.dtype,
             gpu_memory=params.get("bls_memory", "cpu") == "gpu",
         )
+        self.board = LoadBoard(default_board_path(), self.transport.num_devices)
+        self.metrics = OrchestratorMetrics(self.family.name)
+
+    async def _denoise_placed(self, image_request: ImageRequest, branch_cond) -> tuple[torch.Tensor, dict]:
+        """Place the request by the load on the devices (the policy), then run the loop there."""
+        guidance = image_request.guidance_scale > 1.0
+
+        def choose(loads: list[int]):
+            placement = place_request(image_request.mode, loads, guidance)
+            return (placement, loads), placement.devices
+
+        with self.board.occupy(choose) as (placement, loads):
+            placed = dataclasses.replace(
+                image_request, mode=placement.mode, device=placement.device, pair=placement.pair
+            )
+            latents, report = await denoise_image(self.family, self.sampler, self.transport, branch_cond, placed)
+        summary = {
+            "seed": image_request.seed,
+            **report.as_dict(),
+            "mode_requested": image_request.mode.value,
+            "devices": list(placement.devices),
+            "loads_seen": loads,
+        }
+        self.metrics.record(summary)
+        return latents, summary
 
     async def execute(self, requests):
         return list(await asyncio.gather(*(self._execute_one(r) for r in requests)))
@@ -120,11 +156,9 @@ class TritonPythonModel:
                     branch: {spec.name: embeds[f"{branch}_{spec.name}"][i : i + 1] for spec in self.family.text_outputs}
                     for branch in (UNCOND, COND)
                 }
-                image_latents, report = await denoise_image(
-                    self.family, self.sampler, self.transport, branch_cond, image_request
-                )
+                image_latents, summary = await self._denoise_placed(image_request, branch_cond)
                 latents.append(image_latents)
-                schedules.append(json.dumps({"seed": image_request.seed, **report.as_dict()}))
+                schedules.append(json.dumps(summary))
         except DeviceError as err:
             return error_response(str(err), invalid_argument=False)
         schedule_tensor = self.pb.Tensor("SCHEDULE", np.array(schedules, dtype=object))
