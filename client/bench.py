@@ -75,7 +75,7 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_components(checkpoint: Path, size: int, repeats: int) -> ComponentTimes:
+def measure_components(family: str, checkpoint: Path, size: int, repeats: int) -> ComponentTimes:
     """Time each piece alone on core 0 with one thread: the devices' conditions, without contention."""
     import torch
 
@@ -84,11 +84,12 @@ def measure_components(checkpoint: Path, size: int, repeats: int) -> ComponentTi
 
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     torch.set_num_threads(1)
-    local = LocalPipeline("sdxl", checkpoint, devices=1)
+    local = LocalPipeline(family, checkpoint, devices=1)
     denoiser = local.denoisers[0]
     branches = local.branch_conditioning(PROMPTS[0], None)
     extra = local.sampler.extra_conditioning(size, size)
-    latent = torch.randn(1, local.sampler.latent_channels, size // 8, size // 8)
+    side = size // local.sampler.vae_scale_factor
+    latent = torch.randn(1, local.sampler.latent_channels, side, side)
     timestep = torch.tensor([500.0])
     full, stages = {}, {}
     for batch, names in ((1, (COND,)), (2, (UNCOND, COND))):
@@ -101,24 +102,24 @@ def measure_components(checkpoint: Path, size: int, repeats: int) -> ComponentTi
         stage1 = _median_time(lambda c=cond, m=middle: denoiser.run(latent, timestep, c, stage=1, stale=m), repeats)
         stages[batch] = (stage0, stage1)
     text = _median_time(lambda: local.text_encoder.encode([PROMPTS[0]], None), repeats)
-    final = torch.randn(1, local.sampler.latent_channels, size // 8, size // 8)
+    final = torch.randn(1, local.sampler.latent_channels, side, side)
     vae = _median_time(lambda: local.decoder.decode(final), repeats)
     return ComponentTimes(text, vae, full, stages)
 
 
-def diffusers_all_cores(checkpoint: Path, prompts: list[int], steps: int, size: int, repeats: int):
-    """diffusers' own StableDiffusionXLPipeline with every core: what a user would run instead."""
+def diffusers_all_cores(checkpoint: Path, guidance: float, prompts: list[int], steps: int, size: int, repeats: int):
+    """diffusers' own pipeline (the class the folder names) with every core: what a user would run instead."""
     import torch
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
 
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    pipe = StableDiffusionXLPipeline.from_pretrained(checkpoint)
+    pipe = DiffusionPipeline.from_pretrained(checkpoint)
     pipe.set_progress_bar_config(disable=True)
 
     def run(prompt: int):
         return pipe(
-            PROMPTS[prompt], num_inference_steps=steps, guidance_scale=5.0, height=size, width=size,
+            PROMPTS[prompt], num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
             generator=torch.Generator("cpu").manual_seed(prompt), output_type="np",
         ).images[0]
 
@@ -141,22 +142,24 @@ def _stats(values: list[float]) -> dict:
     }
 
 
-def run_server_modes(client, protocol: str, args) -> list[Run]:
+def run_server_modes(client, protocol: str, family: str, guidance: float, args) -> list[Run]:
     runs = []
-    base = {"steps": args.steps, "height": args.size, "width": args.size, "guidance_scale": 5.0}
-    generate(client, protocol, "sdxl", ["warm-up"], mode="hybrid", **{**base, "steps": 4})
-    plan = [(mode, None) for mode in MODES] + [("hybrid", k) for k in ABLATION_K if k != 5]
-    for mode, k in plan:
+    base = {"steps": args.steps, "height": args.size, "width": args.size, "guidance_scale": guidance}
+    generate(client, protocol, family, ["warm-up"], mode="hybrid", **{**base, "steps": 4})
+    # Modes interleaved within each round, so the machine's drift (a shared VM here) hits all alike.
+    ablation = [("hybrid", k) for k in ABLATION_K if k != 5]
+    for round_index in range(args.repeats):
         for prompt in range(args.prompts):
-            repeats = args.repeats if k is None else 1
-            for _ in range(repeats):
+            plan = [(mode, None) for mode in MODES] + (ablation if round_index == 0 else [])
+            for mode, k in plan:
                 fields = {**base, "mode": mode, "seed": prompt}
                 if k is not None:
                     fields["k"] = k
-                result = generate(client, protocol, "sdxl", [PROMPTS[prompt]], **fields)
+                result = generate(client, protocol, family, [PROMPTS[prompt]], **fields)
                 schedule = result.schedules[0]
                 runs.append(Run(mode, prompt, k, result.latency_s, schedule, result.images[0]))
-                print(f"{mode:12s} k={k if k is not None else '-':>2} prompt {prompt}: {result.latency_s:6.2f} s"
+                k_label = "-" if k is None else k
+                print(f"{family} {mode:12s} k={k_label:>2} prompt {prompt}: {result.latency_s:6.2f} s"
                       f" tau1={schedule['tau1']} tau2={schedule['tau2']}", flush=True)
     return runs
 
@@ -211,9 +214,9 @@ def _fmt_db(value: float) -> str:
     return "inf (identical)" if value == float("inf") else f"{value:.1f}"
 
 
-def write_markdown(summary: dict, machine: str, command: str, path: Path) -> None:
+def markdown_table(family: str, summary: dict) -> list[str]:
     lines = [
-        f"Measured on {machine} with `{command}`.",
+        f"**{family}**",
         "",
         "| mode | latency median (min-max) | vs serial | vs diffusers, all cores | parallel efficiency "
         "| overhead / step | MB moved / image | PSNR vs serial (dB) | SSIM vs serial | tau1, tau2 |",
@@ -232,33 +235,35 @@ def write_markdown(summary: dict, machine: str, command: str, path: Path) -> Non
     c = summary["components_s"]
     lines += [
         "",
-        f"diffusers' StableDiffusionXLPipeline, {d['threads']} threads: {d['latency_s']['median']:.2f} s median.",
+        f"diffusers' own pipeline, {d['threads']} threads: {d['latency_s']['median']:.2f} s median. "
         f"One device, one thread: denoiser batch 1 {c['full_batch1']:.3f} s, batch 2 {c['full_batch2']:.3f} s; "
         f"stages batch 1 {c['stages_batch1'][0]:.3f} / {c['stages_batch1'][1]:.3f} s; text encoders "
-        f"{c['text_encoder']:.3f} s; VAE decode {c['vae']:.3f} s.",
+        f"{c['text_encoder']:.3f} s; VAE decode {c['vae']:.3f} s. hybrid uses k=5.",
+        "",
     ]
-    path.write_text("\n".join(lines) + "\n")
+    return lines
 
 
-def write_plot(summary: dict, path: Path) -> None:
+def write_plot(summaries: dict[str, dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(summary["rows"])
-    latency = [summary["rows"][k]["latency_s"]["median"] for k in keys]
-    psnr_values = [min(summary["rows"][k]["psnr_vs_serial_db"], 80.0) for k in keys]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    left.bar(keys, latency, color="tab:blue")
-    left.axhline(summary["diffusers_all_cores"]["latency_s"]["median"], color="tab:red", linestyle="--",
-                 label="diffusers, all cores")
-    left.set_ylabel("end-to-end latency (s)")
-    left.legend()
-    right.bar(keys, psnr_values, color="tab:green")
-    right.set_ylabel("PSNR vs serial (dB, identical shown as 80)")
-    for axis in (left, right):
-        axis.tick_params(axis="x", rotation=30)
+    fig, axes = plt.subplots(len(summaries), 2, figsize=(12, 4.5 * len(summaries)), squeeze=False)
+    for (family, summary), (left, right) in zip(summaries.items(), axes, strict=True):
+        keys = list(summary["rows"])
+        latency = [summary["rows"][k]["latency_s"]["median"] for k in keys]
+        psnr_values = [min(summary["rows"][k]["psnr_vs_serial_db"], 80.0) for k in keys]
+        left.bar(keys, latency, color="tab:blue")
+        left.axhline(summary["diffusers_all_cores"]["latency_s"]["median"], color="tab:red", linestyle="--",
+                     label="diffusers, all cores")
+        left.set_ylabel(f"{family}: end-to-end latency (s)")
+        left.legend()
+        right.bar(keys, psnr_values, color="tab:green")
+        right.set_ylabel(f"{family}: PSNR vs serial (dB; identical = 80)")
+        for axis in (left, right):
+            axis.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -266,7 +271,9 @@ def write_plot(summary: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="a running server's HTTP host:port (default: start one)")
-    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/sdxl-small"))
+    parser.add_argument("--families", default="sdxl,sd3", help="comma-separated: sdxl, sd3")
+    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    parser.add_argument("--checkpoint-size", default="small")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, default=512)
@@ -275,34 +282,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    from hybridiff.families import get_family
 
+    families = args.families.split(",")
+    guidance = {f: get_family(f).defaults.guidance_scale for f in families}
     server = None
     if args.url is None:
         from hybridiff.tritonserver import TritonServer
 
-        server = TritonServer(args.repository, ready_timeout=600).__enter__()
+        server = TritonServer(args.repository, ready_timeout=900).__enter__()
         url = server.http_url
     else:
         url = args.url
+    runs: dict[str, list[Run]] = {}
     try:
         client = make_client("http", url, connection_timeout=3600, network_timeout=3600)
-        runs = run_server_modes(client, "http", args)
+        for family in families:
+            runs[family] = run_server_modes(client, "http", family, guidance[family], args)
         client.close()
     finally:
         if server is not None:
             server.__exit__(None, None, None)
-    components = measure_components(args.checkpoint, args.size, repeats=5)
-    diffusers_latencies, threads = diffusers_all_cores(
-        args.checkpoint, list(range(args.prompts)), args.steps, args.size, args.repeats
-    )
-    summary = summarize(runs, components, diffusers_latencies, threads, args.steps)
-    machine = f"{os.cpu_count()} cores ({_cpu_name()}), one core per device, {args.steps} steps, {args.size}px"
-    command = "make bench"
-    summary["machine"] = machine
-    (args.out / "bench.json").write_text(json.dumps(summary, indent=2, default=float))
-    write_markdown(summary, machine, command, args.out / "bench.md")
-    write_plot(summary, args.out / "bench.png")
-    print((args.out / "bench.md").read_text())
+    summaries = {}
+    for family in families:
+        checkpoint = args.checkpoints / f"{family}-{args.checkpoint_size}"
+        components = measure_components(family, checkpoint, args.size, repeats=5)
+        diffusers_latencies, threads = diffusers_all_cores(
+            checkpoint, guidance[family], list(range(args.prompts)), args.steps, args.size, args.repeats
+        )
+        summaries[family] = summarize(runs[family], components, diffusers_latencies, threads, args.steps)
+    machine = (f"{os.cpu_count()} cores ({_cpu_name()}), one core per device, `{args.checkpoint_size}` models, "
+               f"{args.steps} steps, {args.size}x{args.size}, {args.prompts} prompts x {args.repeats} runs per mode")
+    lines = [f"Measured on {machine} with `make bench`.", ""]
+    for family, summary in summaries.items():
+        lines += markdown_table(family, summary)
+    (args.out / "bench.json").write_text(json.dumps({"machine": machine, **summaries}, indent=2, default=float))
+    (args.out / "bench.md").write_text("\n".join(lines))
+    write_plot(summaries, args.out / "bench.png")
+    print("\n".join(lines))
 
 
 def _cpu_name() -> str:
