@@ -107,6 +107,54 @@ def measure_components(family: str, checkpoint: Path, size: int, repeats: int) -
     return ComponentTimes(text, vae, full, stages)
 
 
+def _probe_worker(family: str, checkpoint: str, size: int, core: int, start_at: float, repeats: int, queue) -> None:
+    """One device's batch-1 forwards on ``core``, starting at ``start_at`` (so two workers overlap)."""
+    import torch
+
+    from hybridiff.local import LocalPipeline
+    from hybridiff.schedule import COND
+
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    local = LocalPipeline(family, Path(checkpoint), devices=1)
+    cond = {**local.branch_conditioning(PROMPTS[0], None)[COND], **local.sampler.extra_conditioning(size, size)}
+    side = size // local.sampler.vae_scale_factor
+    latent = torch.randn(1, local.sampler.latent_channels, side, side)
+    local.denoisers[0].run(latent, torch.tensor([500.0]), cond)
+    while time.time() < start_at:
+        time.sleep(0.01)
+    times = [local.denoisers[0].run(latent, torch.tensor([500.0]), cond).compute_seconds for _ in range(repeats)]
+    queue.put((core, statistics.median(times)))
+
+
+def contention_probe(family: str, checkpoint: Path, size: int, repeats: int = 6) -> dict:
+    """How much slower a batch-1 forward gets when the other core runs one at the same time.
+
+    This is the hardware's share of the gap between measured and ideal parallel latency: the
+    ideal assumes a device is as fast next to a busy neighbour as alone.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = {}
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    for label, used in (("alone", cores[:1]), ("together", cores)):
+        queue = ctx.Queue()
+        start_at = time.time() + 25
+        workers = [
+            ctx.Process(target=_probe_worker, args=(family, str(checkpoint), size, c, start_at, repeats, queue))
+            for c in used
+        ]
+        for w in workers:
+            w.start()
+        measured = [queue.get(timeout=600) for _ in workers]
+        for w in workers:
+            w.join()
+        results[label] = max(t for _, t in measured)
+    results["slowdown"] = results["together"] / results["alone"]
+    return results
+
+
 def diffusers_all_cores(checkpoint: Path, guidance: float, prompts: list[int], steps: int, size: int, repeats: int):
     """diffusers' own pipeline (the class the folder names) with every core: what a user would run instead."""
     import torch
@@ -239,9 +287,15 @@ def markdown_table(family: str, summary: dict) -> list[str]:
         f"One device, one thread: denoiser batch 1 {c['full_batch1']:.3f} s, batch 2 {c['full_batch2']:.3f} s; "
         f"stages batch 1 {c['stages_batch1'][0]:.3f} / {c['stages_batch1'][1]:.3f} s; text encoders "
         f"{c['text_encoder']:.3f} s; VAE decode {c['vae']:.3f} s. hybrid uses k=5.",
-        "",
     ]
-    return lines
+    probe = summary.get("contention_batch1_s")
+    if probe:
+        lines.append(
+            f"Batch efficiency: batch 2 takes {c['full_batch2'] / c['full_batch1']:.2f}x batch 1. Contention: a "
+            f"batch-1 forward takes {probe['alone']:.3f} s alone and {probe['together']:.3f} s while the other "
+            f"core runs one ({probe['slowdown']:.2f}x)."
+        )
+    return lines + [""]
 
 
 def write_plot(summaries: dict[str, dict], path: Path) -> None:
@@ -280,9 +334,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=2, help=f"how many of the {len(PROMPTS)} built-in prompts")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
+    parser.add_argument("--contention-only", action="store_true", help="only run the contention probe")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     from hybridiff.families import get_family
+
+    if args.contention_only:
+        for family in args.families.split(","):
+            print(family, contention_probe(family, args.checkpoints / f"{family}-{args.checkpoint_size}", args.size))
+        return
 
     families = args.families.split(",")
     guidance = {f: get_family(f).defaults.guidance_scale for f in families}
@@ -311,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint, guidance[family], list(range(args.prompts)), args.steps, args.size, args.repeats
         )
         summaries[family] = summarize(runs[family], components, diffusers_latencies, threads, args.steps)
+        summaries[family]["contention_batch1_s"] = contention_probe(family, checkpoint, args.size)
     machine = (f"{os.cpu_count()} cores ({_cpu_name()}), one core per device, `{args.checkpoint_size}` models, "
                f"{args.steps} steps, {args.size}x{args.size}, {args.prompts} prompts x {args.repeats} runs per mode")
     lines = [f"Measured on {machine} with `make bench`.", ""]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import shutil
@@ -13,12 +12,12 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from hybridiff.families.base import DenoiseOutput
 from hybridiff.families.sd3 import MAX_SEQUENCE_LENGTH
 from hybridiff.local import LocalPipeline
-from hybridiff.loop import DenoiseTask, ImageRequest, InProcessTransport, denoise_image
+from hybridiff.loop import ImageRequest
 from hybridiff.params import InvalidParameter, Limits, parse_image_requests
 from hybridiff.schedule import HybridKnobs, Mode
+from tests.helpers import max_pixel_diff, recorded_run
 
 PROMPT = "a watercolor fox in a snowy forest"
 NEGATIVE = "blurry"
@@ -45,23 +44,6 @@ def image_request(mode: Mode, **changes) -> ImageRequest:
 @pytest.fixture(scope="module")
 def local(sd3_tiny) -> LocalPipeline:
     return LocalPipeline("sd3", sd3_tiny)
-
-
-class RecordingTransport(InProcessTransport):
-    """Keeps every task and output, to check what each stage was fed."""
-
-    def __init__(self, denoisers) -> None:
-        super().__init__(denoisers)
-        self.calls: list[tuple[int, DenoiseTask, DenoiseOutput]] = []
-
-    async def denoise(self, device: int, task: DenoiseTask) -> DenoiseOutput:
-        output = await super().denoise(device, task)
-        self.calls.append((device, task, output))
-        return output
-
-
-def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 def diffusers_image(folder: Path, negative: str | None, steps: int = STEPS) -> np.ndarray:
@@ -172,25 +154,13 @@ def test_stage_1_without_both_stale_streams_is_refused(local):
         denoiser.run(sample, t, cond, stage=1, stale={"MIDDLE_HIDDEN": torch.zeros(1, 16, 32)})
 
 
-def _pipeline_feeds(local, request):
-    transport = RecordingTransport(local.denoisers)
-    cond = local.branch_conditioning(PROMPT, NEGATIVE)
-    _, report = asyncio.run(denoise_image(local.family, local.sampler, transport, cond, request))
-    per_step = len(transport.calls) // request.steps
-    assert per_step * request.steps == len(transport.calls)
-    steps: dict[int, list] = {}
-    for i, call in enumerate(transport.calls):
-        steps.setdefault(i // per_step, []).append(call)
-    return report, steps
-
-
 @pytest.mark.parametrize("mode", [Mode.HYBRID, Mode.PIPELINE])
 def test_stage_1_is_fed_stage_0s_output_of_the_previous_step(local, mode):
     """Fails on the reference SD3 bug: it fed stage 1 block n/2's output (its own), frozen at the first step."""
     # tau_cap=2 with a window longer than the run: tau1 comes from the fallback, then warm-up at step 3 and
     # pipeline steps 4..6.
     knobs = HybridKnobs(window=50, eps_slope=0.5e-3, k=4, tau_cap=2, pipeline_warmup=3)
-    report, steps = _pipeline_feeds(local, image_request(mode, knobs=knobs))
+    report, steps = recorded_run(local, PROMPT, NEGATIVE, image_request(mode, knobs=knobs))
     phases = report.schedule["phases"]
     pipeline_steps = [t for t, p in enumerate(phases) if p == "pipeline"]
     if mode is Mode.HYBRID:

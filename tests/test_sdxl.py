@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import numpy as np
@@ -10,10 +9,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from hybridiff.families.base import DenoiseOutput
 from hybridiff.local import LocalPipeline
-from hybridiff.loop import DenoiseTask, ImageRequest, InProcessTransport
+from hybridiff.loop import ImageRequest
 from hybridiff.schedule import HybridKnobs, Mode
+from tests.helpers import max_pixel_diff, recorded_run
 
 PROMPT = "a watercolor fox in a snowy forest"
 NEGATIVE = "blurry"
@@ -39,21 +38,7 @@ def local(sdxl_tiny) -> LocalPipeline:
     return LocalPipeline("sdxl", sdxl_tiny)
 
 
-class RecordingTransport(InProcessTransport):
-    """Keeps every task and output, to check what each stage was fed."""
 
-    def __init__(self, denoisers) -> None:
-        super().__init__(denoisers)
-        self.calls: list[tuple[int, DenoiseTask, DenoiseOutput]] = []
-
-    async def denoise(self, device: int, task: DenoiseTask) -> DenoiseOutput:
-        output = await super().denoise(device, task)
-        self.calls.append((device, task, output))
-        return output
-
-
-def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 @pytest.mark.parametrize("negative", [NEGATIVE, None])
@@ -111,26 +96,12 @@ def test_stage_without_its_stale_input_is_refused(local):
         denoiser.run(torch.zeros(1, 4, 8, 8), torch.tensor([1.0]), cond, stage=1, stale={})
 
 
-def _pipeline_feeds(local, request):
-    transport = RecordingTransport(local.denoisers)
-    from hybridiff.loop import denoise_image
-
-    cond = local.branch_conditioning(PROMPT, NEGATIVE)
-    _, report = asyncio.run(denoise_image(local.family, local.sampler, transport, cond, request))
-    steps: dict[int, list] = {}
-    per_step = len(transport.calls) // request.steps
-    assert per_step * request.steps == len(transport.calls)
-    for i, call in enumerate(transport.calls):
-        steps.setdefault(i // per_step, []).append(call)
-    return report, steps
-
-
 @pytest.mark.parametrize("mode", [Mode.HYBRID, Mode.PIPELINE])
 def test_each_stage_is_fed_the_previous_step_output_of_the_other(local, mode):
     # tau_cap=2 with a window longer than the run: tau1 comes from the fallback (the reference
     # SDXL code crashes there), then warm-up at step 3 and pipeline steps 4..6.
     knobs = HybridKnobs(window=50, eps_slope=0.4e-3, k=4, tau_cap=2, pipeline_warmup=3)
-    report, steps = _pipeline_feeds(local, image_request(mode, knobs=knobs))
+    report, steps = recorded_run(local, PROMPT, NEGATIVE, image_request(mode, knobs=knobs))
     phases = report.schedule["phases"]
     pipeline_steps = [t for t, p in enumerate(phases) if p == "pipeline"]
     if mode is Mode.HYBRID:

@@ -14,6 +14,7 @@ from client.generate import generate, make_client
 from export.make_repository import Deployment, write_repository
 from hybridiff.params import Limits
 from hybridiff.tritonserver import TritonServer
+from tests.helpers import max_pixel_diff
 
 pytestmark = pytest.mark.server
 
@@ -41,8 +42,6 @@ def call(server, protocol: str, **fields):
         client.close()
 
 
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +76,10 @@ def test_every_mode_over_both_protocols(server, serial_image, local_images, prot
     assert schedule["mode_run"] == mode
     assert len(schedule["phases"]) == 8
     if mode in ("serial", "cfg_parallel"):
-        assert max_diff(image, serial_image) <= 1
-        assert max_diff(image, local_images["serial"]) <= 1
+        assert max_pixel_diff(image, serial_image) <= 1
+        assert max_pixel_diff(image, local_images["serial"]) <= 1
     else:
-        assert max_diff(image, local_images[mode]) <= 1
+        assert max_pixel_diff(image, local_images[mode]) <= 1
     if mode == "hybrid":
         assert schedule["tau1"] is not None and schedule["tau2"] == min(schedule["tau1"] + 4, 7)
         assert schedule["phase_steps"].get("pipeline", 0) >= 1
@@ -114,8 +113,8 @@ def test_concurrent_requests_in_different_modes_equal_their_solo_runs(server, se
         thread.join(timeout=300)
     assert not errors, errors
     # <= 1 rather than equal: passes that meet on a device may be batched together.
-    assert max_diff(results["serial"], serial_image) <= 1
-    assert max_diff(results["hybrid"], solo_hybrid) <= 1
+    assert max_pixel_diff(results["serial"], serial_image) <= 1
+    assert max_pixel_diff(results["hybrid"], solo_hybrid) <= 1
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -206,7 +205,7 @@ def test_auto_under_load_runs_serial_on_the_least_busy_device_with_the_solo_imag
             assert max(schedule["loads_seen"]) > 0
             assert schedule["devices"] == [min(range(2), key=lambda d: (schedule["loads_seen"][d], d))]
         solo = call(server, "http", **long, seed=schedule["seed"], mode=schedule["mode_run"]).images[0]
-        assert max_diff(result.images[0], solo) <= 1
+        assert max_pixel_diff(result.images[0], solo) <= 1
 
 
 def test_concurrent_serial_requests_spread_over_the_devices(server):
@@ -224,7 +223,7 @@ def test_serial_requests_meeting_on_a_device_are_batched_and_keep_their_images(s
     for fields, result in zip(calls, results, strict=True):
         solo = call(server, "http", **fields)
         assert solo.schedules[0]["batched_steps"] == 0
-        assert max_diff(result.images[0], solo.images[0]) <= 1
+        assert max_pixel_diff(result.images[0], solo.images[0]) <= 1
 
 
 def test_orchestrator_exports_schedule_metrics(server):
@@ -260,3 +259,19 @@ def test_locust_sweep_runs_clean_against_the_server(server, tmp_path):
     assert (tmp_path / "loadtest.png").stat().st_size > 0
     rows = (tmp_path / "loadtest.csv").read_text().splitlines()
     assert len(rows) == 1 + 4  # header + 2 modes x 2 user counts
+
+
+def test_every_thread_of_a_denoiser_is_pinned_to_its_core(server):
+    """Affinity is per thread: the stub's execute thread must be pinned too, not only the one that ran initialize."""
+    import os
+    import subprocess
+
+    for device in (0, 1):
+        pids = subprocess.run(["pgrep", "-f", f"sdxl_denoiser_{device}/1/model.py"], capture_output=True,
+                              text=True).stdout.split()
+        pids = [p for p in pids if os.path.exists(f"/proc/{p}/task")]
+        assert pids, f"no stub for sdxl_denoiser_{device}"
+        cores = sorted(os.sched_getaffinity(0))
+        for pid in pids:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                assert os.sched_getaffinity(int(tid)) == {cores[device % len(cores)]}, (device, pid, tid)

@@ -17,6 +17,7 @@ from export.make_repository import Deployment, write_repository
 from hybridiff.families.sd3 import MAX_SEQUENCE_LENGTH
 from hybridiff.params import Limits
 from hybridiff.tritonserver import TritonServer
+from tests.helpers import max_pixel_diff
 
 pytestmark = pytest.mark.server
 
@@ -47,8 +48,6 @@ def call(server, protocol: str, family: str = "sd3", prompts: list[str] | None =
         client.close()
 
 
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +70,9 @@ def test_every_sd3_mode_over_both_protocols_equals_the_local_run(server, local_i
     image, schedule = result.images[0], result.schedules[0]
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     assert schedule["mode_run"] == mode and len(schedule["phases"]) == STEPS
-    assert max_diff(image, local_images[mode]) <= 1
+    assert max_pixel_diff(image, local_images[mode]) <= 1
     if mode == "cfg_parallel":
-        assert max_diff(image, local_images["serial"]) <= 1
+        assert max_pixel_diff(image, local_images["serial"]) <= 1
     if mode in ("hybrid", "pipeline"):
         assert schedule["phase_steps"].get("pipeline", 0) >= 1
         assert schedule["bytes_to_devices"] > 0

@@ -25,15 +25,33 @@ class Placement:
     cpu_cores: tuple[int, ...] | None
 
     def apply(self, threads: int) -> None:
-        """Pin this stub process before torch starts its thread pool."""
+        """Pin every thread of this stub process before torch starts its thread pool.
+
+        Affinity is per thread on Linux, and the stub runs ``execute`` on a thread that exists
+        before ``initialize``: pinning only the calling thread left the compute free to wander onto
+        the other device's core (measured: ~20% slower serial steps in the server than alone).
+        """
         if self.cpu_cores is not None and hasattr(os, "sched_setaffinity"):
             # Core i of the config is the i-th core this process may use (wrapping around), so
             # one repository serves machines with any core count.
             available = sorted(os.sched_getaffinity(0))
-            os.sched_setaffinity(0, {available[c % len(available)] for c in self.cpu_cores})
+            cores = {available[c % len(available)] for c in self.cpu_cores}
+            for thread_id in _thread_ids():
+                try:
+                    os.sched_setaffinity(thread_id, cores)
+                except (ProcessLookupError, PermissionError):
+                    pass  # a thread that ended meanwhile
         torch.set_num_threads(threads)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+
+
+def _thread_ids() -> list[int]:
+    """Every thread of this process (0, the calling thread, where /proc is not available)."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
 
 
 def config_parameters(model_config: dict) -> dict[str, str]:

@@ -1,0 +1,43 @@
+"""Helpers shared by the family and server tests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from hybridiff.families.base import DenoiseOutput
+from hybridiff.local import LocalPipeline
+from hybridiff.loop import DenoiseTask, ImageRequest, InProcessTransport, LoopReport, denoise_image
+
+
+def max_pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+class RecordingTransport(InProcessTransport):
+    """Keeps every task and output, to check what each stage was fed."""
+
+    def __init__(self, denoisers) -> None:
+        super().__init__(denoisers)
+        self.calls: list[tuple[int, DenoiseTask, DenoiseOutput]] = []
+
+    async def denoise(self, device: int, task: DenoiseTask) -> DenoiseOutput:
+        output = await super().denoise(device, task)
+        self.calls.append((device, task, output))
+        return output
+
+
+def recorded_run(
+    local: LocalPipeline, prompt: str, negative: str | None, request: ImageRequest
+) -> tuple[LoopReport, dict[int, list[tuple[int, DenoiseTask, DenoiseOutput]]]]:
+    """Run one image and return its report and, per step, the (device, task, output) calls."""
+    transport = RecordingTransport(local.denoisers)
+    cond = local.branch_conditioning(prompt, negative)
+    _, report = asyncio.run(denoise_image(local.family, local.sampler, transport, cond, request))
+    per_step = len(transport.calls) // request.steps
+    assert per_step * request.steps == len(transport.calls)
+    steps: dict[int, list] = {}
+    for i, call in enumerate(transport.calls):
+        steps.setdefault(i // per_step, []).append(call)
+    return report, steps
