@@ -53,8 +53,13 @@ class ImageUser(User):
     wait_time = constant(0)
     model = os.environ.get("LOADTEST_MODEL", "sdxl")
 
+    started = 0  # users started in this process: user i always sends the same sequence of requests
+
     def on_start(self) -> None:
-        self.rng = random.Random(hash((self.protocol, id(self))))
+        # The same request sequence for user i in every level and mode, so modes are compared on
+        # identical work.
+        self.rng = random.Random(f"{self.protocol}-{ImageUser.started}")
+        ImageUser.started += 1
         self.mode = os.environ.get("LOADTEST_MODE", "auto")
         self.client = make_client(self.protocol, self.host, **self._client_options())
         # Set by the sweep runner: a callback that records results and says when to stop.

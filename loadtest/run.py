@@ -28,7 +28,7 @@ import numpy as np
 from locust.env import Environment
 
 from client.generate import generate, make_client
-from loadtest.locustfile import PROMPTS, GrpcImageUser, HttpImageUser
+from loadtest.locustfile import PROMPTS, GrpcImageUser, HttpImageUser, ImageUser
 
 LOCAL_PREFIXES = ("127.", "localhost", "[::1]")
 METRIC_LINE = re.compile(r'(nv_inference_queue_duration_us|nv_inference_request_success)\{model="([^"]+)".*\} (\S+)')
@@ -79,6 +79,7 @@ def queue_metrics(metrics_url: str) -> dict[str, tuple[float, float]]:
 
 def run_level(host: str, user_class, users: int, mode: str, max_requests: int, seconds: float) -> tuple[Sink, float]:
     os.environ["LOADTEST_MODE"] = mode
+    ImageUser.started = 0
     env = Environment(user_classes=[user_class], host=host)
     sink = Sink(max_requests=max_requests, deadline=time.perf_counter() + seconds)
     env.hybridiff_sink = sink
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--modes", default="serial,cfg_parallel,hybrid,auto")
     parser.add_argument("--users", default="1,2,4,8")
-    parser.add_argument("--requests", type=int, default=0, help="per level (default 2 x users, at least 4)")
+    parser.add_argument("--requests", type=int, default=0, help="per level (default 3 x users, at least 6)")
     parser.add_argument("--seconds", type=float, default=120.0, help="per level, at most")
     parser.add_argument("--out", type=Path, default=Path("out/loadtest"))
     args = parser.parse_args(argv)
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         for mode in args.modes.split(","):
             for users in [int(u) for u in args.users.split(",")]:
                 before = queue_metrics(metrics_url)
-                limit = args.requests or max(4, 2 * users)
+                limit = args.requests or max(6, 3 * users)
                 sink, started = run_level(url, user_class, users, mode, limit, args.seconds)
                 row = level_row(mode, users, sink, started, queue_delta(before, queue_metrics(metrics_url)))
                 rows.append(row)
