@@ -42,12 +42,14 @@ def test_board_counts_and_releases(tmp_path):
     board = LoadBoard(tmp_path / "board.json", 2)
     assert board.loads() == [0, 0]
     with board.occupy(lambda loads: (place_request(Mode.AUTO, loads, True), (0, 1))) as first:
-        assert first.mode is Mode.HYBRID
+        assert first.decision.mode is Mode.HYBRID
         assert board.loads() == [1, 1]
         with board.occupy(lambda loads: ("second", (place_request(Mode.AUTO, loads, True).device,))) as second:
-            assert second == "second"
+            assert second.decision == "second"
             assert board.loads() == [2, 1]
-        assert board.loads() == [1, 1]
+            first.update((1,))
+            assert board.loads() == [1, 1]
+        assert board.loads() == [0, 1]
     assert board.loads() == [0, 0]
 
 

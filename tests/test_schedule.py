@@ -168,3 +168,36 @@ def test_summary_counts_phase_steps():
     assert summary["phase_steps"] == {"partition": 17, "warmup": 1, "pipeline": 2}
     assert summary["rel_mae"][7] is not None  # warm-up has both branches
     assert summary["rel_mae"][8] is None  # pipeline steps have no unconditional prediction
+
+
+def test_auto_hybrid_yields_a_device_when_others_arrive_before_its_pipeline():
+    from hybridiff.schedule import yield_device
+
+    knobs = HybridKnobs(window=3, eps_slope=1e-3, k=2, tau_cap=40)
+    schedule = GuidanceSchedule(Mode.HYBRID, 20, knobs, guidance=True, pair=(0, 1))
+    assert yield_device(schedule, 0, [1, 1]) is None  # alone on its pair: keep both devices
+    assert yield_device(schedule, 0, [2, 1]) == 1  # a newcomer on device 0: finish alone on device 1
+    curve = falling_then_flat(20, knee=4)
+    for t in range(3):
+        schedule.plan(t)
+        schedule.observe(t, curve[t])
+    schedule.continue_serially(3, 1)
+    for t in range(3, 20):
+        plan = schedule.plan(t)
+        assert [(a.device, a.branches) for a in plan.assignments] == [(1, (UNCOND, COND))]
+        schedule.observe(t, curve[t])
+    summary = schedule.summary()
+    assert summary["mode_run"] == "serial" and summary["serial_from_step"] == 3
+    assert summary["phase_steps"] == {"partition": 3, "serial": 17}
+    assert summary["tau1"] is None  # no pipeline ran: the image is a serial run's
+
+
+def test_a_hybrid_in_its_pipeline_phase_keeps_its_devices():
+    from hybridiff.schedule import yield_device
+
+    knobs = HybridKnobs(window=3, eps_slope=1e-3, k=3, tau_cap=40)
+    schedule = GuidanceSchedule(Mode.HYBRID, 20, knobs, guidance=True)
+    run(schedule, falling_then_flat(20, knee=4))  # tau1 = 6
+    assert yield_device(schedule, 7, [2, 2]) is None
+    with pytest.raises(ValueError, match="before its pipeline"):
+        schedule.continue_serially(7, 0)

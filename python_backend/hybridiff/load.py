@@ -69,18 +69,37 @@ class LoadBoard:
         return counts
 
     @contextmanager
-    def occupy(self, choose) -> Iterator[object]:
+    def occupy(self, choose) -> Iterator[Occupancy]:
         """Read the loads, let ``choose(loads)`` decide, and record what it occupies, atomically.
 
-        ``choose`` returns ``(decision, devices)``; the devices count as busy until the block ends.
-        Deciding and recording under one lock keeps two requests from both seeing a free device.
+        ``choose`` returns ``(decision, devices)``; the devices count as busy until the block ends
+        (or :meth:`Occupancy.update` changes them). Deciding and recording under one lock keeps two
+        requests from both seeing a free device.
         """
         key = f"{os.getpid()}-{uuid.uuid4().hex}"
         with self._locked() as entries:
             decision, devices = choose(self._count(entries))
             entries[key] = {"pid": os.getpid(), "devices": list(devices)}
         try:
-            yield decision
+            yield Occupancy(self, key, decision)
         finally:
             with self._locked() as entries:
                 entries.pop(key, None)
+
+    def _update(self, key: str, devices) -> None:
+        with self._locked() as entries:
+            if key in entries:
+                entries[key]["devices"] = list(devices)
+
+
+class Occupancy:
+    """One request's entry on the board: the decision it was placed by, and its devices."""
+
+    def __init__(self, board: LoadBoard, key: str, decision) -> None:
+        self.board, self.key, self.decision = board, key, decision
+
+    def loads(self) -> list[int]:
+        return self.board.loads()
+
+    def update(self, devices) -> None:
+        self.board._update(self.key, devices)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -115,10 +115,12 @@ async def denoise_image(
     transport: Transport,
     branch_cond: dict[str, Conditioning],
     request: ImageRequest,
+    before_step: Callable[[int, GuidanceSchedule], None] | None = None,
 ) -> tuple[torch.Tensor, LoopReport]:
     """Run the whole denoising loop for one image; returns the final latents and the report.
 
     ``branch_cond`` maps ``uncond``/``cond`` to that branch's text conditioning (batch 1).
+    ``before_step(step, schedule)`` may re-place the run between steps (the load-aware policy).
     """
     started = time.perf_counter()
     schedule = GuidanceSchedule(
@@ -139,6 +141,8 @@ async def denoise_image(
 
     for step, timestep in enumerate(scheduler.timesteps):
         step_started = time.perf_counter()
+        if before_step is not None:
+            before_step(step, schedule)
         plan = schedule.plan(step)
         model_input = sampler.scale_model_input(scheduler, latents, timestep)
         eps_devices = {a.device for a in plan.eps_assignments}

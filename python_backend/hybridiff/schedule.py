@@ -130,6 +130,8 @@ class GuidanceSchedule:
     rel_mae_curve: list[float | None] = field(default_factory=list)
     tau1: int | None = None
     tau_source: str | None = None  # "slope" or "tau_cap"
+    phase_log: list[Phase] = field(default_factory=list)  # what each planned step ran
+    serial_from: int | None = None  # step at which a hybrid gave up its second device
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -171,6 +173,8 @@ class GuidanceSchedule:
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} outside 0..{self.steps - 1}")
         phase = self.phase(step)
+        del self.phase_log[step:]
+        self.phase_log.append(phase)
         mode = self.effective_mode
         first, second = self.pair
         if phase is Phase.SERIAL:
@@ -211,9 +215,22 @@ class GuidanceSchedule:
         if step >= self.knobs.tau_cap - 1:
             self.tau1, self.tau_source = self.knobs.tau_cap, "tau_cap"
 
+    def continue_serially(self, step: int, device: int) -> None:
+        """Run the remaining steps whole on ``device`` (see :func:`yield_device`).
+
+        Only before any pipeline step: up to then a hybrid run is the same math as serial (condition
+        partitioning only splits the batch), so the image stays that of a serial run of the request.
+        """
+        if self.pipeline_started(step):
+            raise ValueError("a hybrid run can only turn serial before its pipeline phase")
+        self.mode, self.device, self.serial_from = Mode.SERIAL, device, step
+
+    def pipeline_started(self, step: int) -> bool:
+        return self.tau1 is not None and self.knobs.k > 0 and step > self.tau1
+
     def summary(self) -> dict:
         """What the response reports about the schedule that ran."""
-        phases = [self.phase(t).value for t in range(len(self.rel_mae_curve))]
+        phases = [p.value for p in self.phase_log]
         return {
             "mode_requested": self.mode.value,
             "mode_run": self.effective_mode.value,
@@ -224,6 +241,7 @@ class GuidanceSchedule:
             "phases": phases,
             "phase_steps": {p.value: phases.count(p.value) for p in Phase if p.value in phases},
             "rel_mae": self.rel_mae_curve,
+            "serial_from_step": self.serial_from,
         }
 
 
@@ -261,3 +279,19 @@ def place_request(mode: Mode, loads: list[int], guidance: bool) -> Placement:
         idle_pair = len(by_load) >= 2 and loads[pair[0]] == 0 and loads[pair[1]] == 0
         mode = Mode.HYBRID if idle_pair and guidance else Mode.SERIAL
     return Placement(mode, least, pair, guidance)
+
+
+def yield_device(schedule: GuidanceSchedule, step: int, loads: list[int]) -> int | None:
+    """For a hybrid run placed by ``auto``: the device to finish on alone, once others share its pair.
+
+    A hybrid step waits for both devices, so a newcomer on either one slows every remaining step;
+    before the pipeline phase the run can instead continue serially on the less busy device of
+    its pair (the same image as a serial run), leaving the other to the newcomer. ``loads`` counts
+    this request on both devices of its pair.
+    """
+    if schedule.effective_mode is not Mode.HYBRID or schedule.pipeline_started(step):
+        return None
+    first, second = schedule.pair
+    if loads[first] <= 1 and loads[second] <= 1:
+        return None
+    return min((first, second), key=lambda d: (loads[d], d))

@@ -20,7 +20,7 @@ from ..families.base import DenoiseOutput, Family
 from ..load import LoadBoard, default_board_path
 from ..loop import DenoiseTask, ImageRequest, denoise_image
 from ..params import PARAMETERS, InvalidParameter, Limits, parse_image_requests
-from ..schedule import COND, UNCOND, place_request
+from ..schedule import COND, UNCOND, Mode, place_request, yield_device
 from .common import error_response, from_triton, input_array, input_tensor, model_context, to_triton
 from .metrics import OrchestratorMetrics
 
@@ -122,16 +122,31 @@ class TritonPythonModel:
             placement = place_request(image_request.mode, loads, guidance)
             return (placement, loads), placement.devices
 
-        with self.board.occupy(choose) as (placement, loads):
+        with self.board.occupy(choose) as occupancy:
+            placement, loads = occupancy.decision
             placed = dataclasses.replace(
                 image_request, mode=placement.mode, device=placement.device, pair=placement.pair
             )
-            latents, report = await denoise_image(self.family, self.sampler, self.transport, branch_cond, placed)
+            devices = list(placement.devices)
+
+            def before_step(step: int, schedule) -> None:
+                # Only runs that auto placed may change shape; an explicit mode is a promise.
+                if image_request.mode is not Mode.AUTO:
+                    return
+                device = yield_device(schedule, step, occupancy.loads())
+                if device is not None:
+                    schedule.continue_serially(step, device)
+                    occupancy.update((device,))
+                    devices[:] = [device]
+
+            latents, report = await denoise_image(
+                self.family, self.sampler, self.transport, branch_cond, placed, before_step
+            )
         summary = {
             "seed": image_request.seed,
             **report.as_dict(),
             "mode_requested": image_request.mode.value,
-            "devices": list(placement.devices),
+            "devices": devices,
             "loads_seen": loads,
         }
         self.metrics.record(summary)
