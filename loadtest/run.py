@@ -162,6 +162,7 @@ def write_outputs(rows: list[dict], out: Path, header: str) -> None:
     (out / "loadtest.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -176,6 +177,7 @@ def write_outputs(rows: list[dict], out: Path, header: str) -> None:
     left.set(xlabel="concurrent users", ylabel="latency (s)", xscale="log", xticks=[1, 2, 4, 8])
     right.set(xlabel="concurrent users", ylabel="images per second", xscale="log", xticks=[1, 2, 4, 8])
     for axis in (left, right):
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xticklabels(["1", "2", "4", "8"])
         axis.legend(fontsize=7)
     fig.tight_layout()

@@ -131,7 +131,7 @@ class TritonPythonModel:
 
             def before_step(step: int, schedule) -> None:
                 # Only runs that auto placed may change shape; an explicit mode is a promise.
-                if image_request.mode is not Mode.AUTO:
+                if image_request.mode is not Mode.AUTO or schedule.effective_mode is not Mode.HYBRID:
                     return
                 device = yield_device(schedule, step, occupancy.loads())
                 if device is not None:
