@@ -41,3 +41,8 @@ def recorded_run(
     for i, call in enumerate(transport.calls):
         steps.setdefault(i // per_step, []).append(call)
     return report, steps
+
+
+def pipeline_steps(report: LoopReport) -> list[int]:
+    """The step indices that ran as pipeline steps."""
+    return [t for t, phase in enumerate(report.schedule["phases"]) if phase == "pipeline"]

@@ -17,7 +17,7 @@ from hybridiff.local import LocalPipeline
 from hybridiff.loop import ImageRequest
 from hybridiff.params import InvalidParameter, Limits, parse_image_requests
 from hybridiff.schedule import HybridKnobs, Mode
-from tests.helpers import max_pixel_diff, recorded_run
+from tests.helpers import max_pixel_diff, pipeline_steps, recorded_run
 
 PROMPT = "a watercolor fox in a snowy forest"
 NEGATIVE = "blurry"
@@ -161,15 +161,14 @@ def test_stage_1_is_fed_stage_0s_output_of_the_previous_step(local, mode):
     # pipeline steps 4..6.
     knobs = HybridKnobs(window=50, eps_slope=0.5e-3, k=4, tau_cap=2, pipeline_warmup=3)
     report, steps = recorded_run(local, PROMPT, NEGATIVE, image_request(mode, knobs=knobs))
-    phases = report.schedule["phases"]
-    pipeline_steps = [t for t, p in enumerate(phases) if p == "pipeline"]
+    piped = pipeline_steps(report)
     if mode is Mode.HYBRID:
         assert report.schedule["tau_source"] == "tau_cap"
-        assert pipeline_steps == [4, 5, 6]
+        assert piped == [4, 5, 6]
     else:
-        assert pipeline_steps == list(range(3, STEPS))
+        assert piped == list(range(3, STEPS))
     previous_feed: dict[str, torch.Tensor] = {}
-    for t in pipeline_steps:
+    for t in piped:
         stage0_before = {}
         for device, _, output in steps[t - 1]:
             if device == 0:  # device 0 owns stage 0 (and captures its exports in the warm-up)

@@ -12,7 +12,7 @@ from diffusers import StableDiffusionXLPipeline
 from hybridiff.local import LocalPipeline
 from hybridiff.loop import ImageRequest
 from hybridiff.schedule import HybridKnobs, Mode
-from tests.helpers import max_pixel_diff, recorded_run
+from tests.helpers import max_pixel_diff, pipeline_steps, recorded_run
 
 PROMPT = "a watercolor fox in a snowy forest"
 NEGATIVE = "blurry"
@@ -102,15 +102,14 @@ def test_each_stage_is_fed_the_previous_step_output_of_the_other(local, mode):
     # SDXL code crashes there), then warm-up at step 3 and pipeline steps 4..6.
     knobs = HybridKnobs(window=50, eps_slope=0.4e-3, k=4, tau_cap=2, pipeline_warmup=3)
     report, steps = recorded_run(local, PROMPT, NEGATIVE, image_request(mode, knobs=knobs))
-    phases = report.schedule["phases"]
-    pipeline_steps = [t for t, p in enumerate(phases) if p == "pipeline"]
+    piped = pipeline_steps(report)
     if mode is Mode.HYBRID:
         assert report.schedule["tau_source"] == "tau_cap"
-        assert pipeline_steps == [4, 5, 6]
+        assert piped == [4, 5, 6]
     else:
-        assert pipeline_steps == list(range(3, STEPS))
+        assert piped == list(range(3, STEPS))
     previous_feeds = {}
-    for t in pipeline_steps:
+    for t in piped:
         produced_before = {}
         for _, _, output in steps[t - 1]:
             produced_before.update(output.activations)
