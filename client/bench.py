@@ -3,10 +3,13 @@
     python -m client.bench                      # starts a server on the small model
     python -m client.bench --url 127.0.0.1:8000 # or measures a running one
 
-Sends the same prompts and seeds in every mode, then (with the server idle) times the pieces on
-one device in this process to compute the ideal latency of each mode, and runs diffusers' own
-pipeline with every core as the single-process alternative. Writes bench.json, bench.md and
-bench.png to --out. Every figure is measured in this run; nothing is typed in.
+Sends the same prompts and seeds in every mode. Each round first times the pieces on one device in
+this process (for the ideal latency of each mode) and runs diffusers' own pipeline with every core
+(the single-process alternative), then sends that round's requests, modes interleaved. Speed-ups are
+medians of ratios paired within a round and prompt, and each run's efficiency uses its own round's
+timings: this VM's speed drifts by 10-30% over minutes, and only figures taken close together in
+time compare like with like. Writes bench.json, bench.md and bench.png to --out. Every figure is
+measured in this run; nothing is typed in.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ ABLATION_K = [0, 5, 10, 20]
 @dataclass
 class Run:
     mode: str
+    round: int
     prompt: int
     k: int | None  # set for the k ablation; None = the mode's defaults (hybrid: k=5)
     latency_s: float
@@ -75,36 +79,57 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_components(family: str, checkpoint: Path, size: int, repeats: int) -> ComponentTimes:
-    """Time each piece alone on core 0 with one thread: the devices' conditions, without contention."""
-    import torch
+class OneDevice:
+    """Times each piece alone on one core with one thread: the devices' conditions, without contention."""
 
-    from hybridiff.local import LocalPipeline
-    from hybridiff.schedule import COND, UNCOND
+    def __init__(self, family: str, checkpoint: Path, size: int) -> None:
+        import torch
 
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    torch.set_num_threads(1)
-    local = LocalPipeline(family, checkpoint, devices=1)
-    denoiser = local.denoisers[0]
-    branches = local.branch_conditioning(PROMPTS[0], None)
-    extra = local.sampler.extra_conditioning(size, size)
-    side = size // local.sampler.vae_scale_factor
-    latent = torch.randn(1, local.sampler.latent_channels, side, side)
-    timestep = torch.tensor([500.0])
-    full, stages = {}, {}
-    for batch, names in ((1, (COND,)), (2, (UNCOND, COND))):
-        cond = {k: torch.cat([branches[b][k] for b in names]) for k in branches[COND]}
-        cond.update({k: v.expand(batch, -1) for k, v in extra.items()})
-        full[batch] = _median_time(lambda c=cond: denoiser.run(latent, timestep, c), repeats)
-        head = denoiser.run(latent, timestep, cond, capture_stage=1).activations
-        middle = denoiser.run(latent, timestep, cond, stage=0, stale=head).activations
-        stage0 = _median_time(lambda c=cond, h=head: denoiser.run(latent, timestep, c, stage=0, stale=h), repeats)
-        stage1 = _median_time(lambda c=cond, m=middle: denoiser.run(latent, timestep, c, stage=1, stale=m), repeats)
-        stages[batch] = (stage0, stage1)
-    text = _median_time(lambda: local.text_encoder.encode([PROMPTS[0]], None), repeats)
-    final = torch.randn(1, local.sampler.latent_channels, side, side)
-    vae = _median_time(lambda: local.decoder.decode(final), repeats)
-    return ComponentTimes(text, vae, full, stages)
+        from hybridiff.local import LocalPipeline
+        from hybridiff.schedule import COND, UNCOND
+
+        self.core = sorted(os.sched_getaffinity(0))[0]
+        local = LocalPipeline(family, checkpoint, devices=1)
+        self.local = local
+        branches = local.branch_conditioning(PROMPTS[0], None)
+        extra = local.sampler.extra_conditioning(size, size)
+        side = size // local.sampler.vae_scale_factor
+        self.latent = torch.randn(1, local.sampler.latent_channels, side, side)
+        self.timestep = torch.tensor([500.0])
+        self.conditioning = {}
+        for batch, names in ((1, (COND,)), (2, (UNCOND, COND))):
+            cond = {k: torch.cat([branches[b][k] for b in names]) for k in branches[COND]}
+            cond.update({k: v.expand(batch, -1) for k, v in extra.items()})
+            self.conditioning[batch] = cond
+
+    def measure(self, repeats: int) -> ComponentTimes:
+        import torch
+
+        previous = os.sched_getaffinity(0), torch.get_num_threads()
+        os.sched_setaffinity(0, {self.core})
+        torch.set_num_threads(1)
+        try:
+            return self._measure(repeats)
+        finally:
+            os.sched_setaffinity(0, previous[0])
+            torch.set_num_threads(previous[1])
+
+    def _measure(self, repeats: int) -> ComponentTimes:
+        import torch
+
+        denoiser, latent, timestep = self.local.denoisers[0], self.latent, self.timestep
+        full, stages = {}, {}
+        for batch, cond in self.conditioning.items():
+            full[batch] = _median_time(lambda c=cond: denoiser.run(latent, timestep, c), repeats)
+            head = denoiser.run(latent, timestep, cond, capture_stage=1).activations
+            middle = denoiser.run(latent, timestep, cond, stage=0, stale=head).activations
+            stage0 = _median_time(lambda c=cond, h=head: denoiser.run(latent, timestep, c, stage=0, stale=h), repeats)
+            stage1 = _median_time(lambda c=cond, m=middle: denoiser.run(latent, timestep, c, stage=1, stale=m), repeats)
+            stages[batch] = (stage0, stage1)
+        text = _median_time(lambda: self.local.text_encoder.encode([PROMPTS[0]], None), repeats)
+        final = torch.randn(latent.shape)
+        vae = _median_time(lambda: self.local.decoder.decode(final), repeats)
+        return ComponentTimes(text, vae, full, stages)
 
 
 def _probe_worker(family: str, checkpoint: str, size: int, core: int, start_at: float, repeats: int, queue) -> None:
@@ -155,30 +180,40 @@ def contention_probe(family: str, checkpoint: Path, size: int, repeats: int = 6)
     return results
 
 
-def diffusers_all_cores(checkpoint: Path, guidance: float, prompts: list[int], steps: int, size: int, repeats: int):
+class DiffusersAllCores:
     """diffusers' own pipeline (the class the folder names) with every core: what a user would run instead."""
-    import torch
-    from diffusers import DiffusionPipeline
 
-    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    pipe = DiffusionPipeline.from_pretrained(checkpoint)
-    pipe.set_progress_bar_config(disable=True)
+    def __init__(self, checkpoint: Path, guidance: float, steps: int, size: int) -> None:
+        from diffusers import DiffusionPipeline
 
-    def run(prompt: int):
-        return pipe(
-            PROMPTS[prompt], num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-            generator=torch.Generator("cpu").manual_seed(prompt), output_type="np",
-        ).images[0]
+        self.pipe = DiffusionPipeline.from_pretrained(checkpoint)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.guidance, self.steps, self.size = guidance, steps, size
+        self.threads = len(os.sched_getaffinity(0))
+        self.warm = False
 
-    run(prompts[0])
-    latencies = []
-    for prompt in prompts:
-        for _ in range(repeats):
+    def _run(self, prompt: int) -> None:
+        import torch
+
+        self.pipe(
+            PROMPTS[prompt], num_inference_steps=self.steps, guidance_scale=self.guidance, height=self.size,
+            width=self.size, generator=torch.Generator("cpu").manual_seed(prompt), output_type="np",
+        )
+
+    def latency(self, prompt: int) -> float:
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            if not self.warm:
+                self._run(prompt)
+                self.warm = True
             started = time.perf_counter()
-            run(prompt)
-            latencies.append(time.perf_counter() - started)
-    return latencies, torch.get_num_threads()
+            self._run(prompt)
+            return time.perf_counter() - started
+        finally:
+            torch.set_num_threads(previous)
 
 
 def _stats(values: list[float]) -> dict:
@@ -190,70 +225,74 @@ def _stats(values: list[float]) -> dict:
     }
 
 
-def run_server_modes(client, protocol: str, family: str, guidance: float, args) -> list[Run]:
+def run_round(client, protocol: str, family: str, guidance: float, round_index: int, args) -> list[Run]:
+    """Every mode for every prompt, interleaved, so the machine's drift hits all modes alike."""
     runs = []
     base = {"steps": args.steps, "height": args.size, "width": args.size, "guidance_scale": guidance}
-    generate(client, protocol, family, ["warm-up"], mode="hybrid", **{**base, "steps": 4})
-    # Modes interleaved within each round, so the machine's drift (a shared VM here) hits all alike.
     ablation = [("hybrid", k) for k in ABLATION_K if k != 5]
-    for round_index in range(args.repeats):
-        for prompt in range(args.prompts):
-            plan = [(mode, None) for mode in MODES] + (ablation if round_index == 0 else [])
-            for mode, k in plan:
-                fields = {**base, "mode": mode, "seed": prompt}
-                if k is not None:
-                    fields["k"] = k
-                result = generate(client, protocol, family, [PROMPTS[prompt]], **fields)
-                schedule = result.schedules[0]
-                runs.append(Run(mode, prompt, k, result.latency_s, schedule, result.images[0]))
-                k_label = "-" if k is None else k
-                print(f"{family} {mode:12s} k={k_label:>2} prompt {prompt}: {result.latency_s:6.2f} s"
-                      f" tau1={schedule['tau1']} tau2={schedule['tau2']}", flush=True)
+    for prompt in range(args.prompts):
+        plan = [(mode, None) for mode in MODES] + (ablation if round_index == 0 else [])
+        for mode, k in plan:
+            fields = {**base, "mode": mode, "seed": prompt}
+            if k is not None:
+                fields["k"] = k
+            result = generate(client, protocol, family, [PROMPTS[prompt]], **fields)
+            schedule = result.schedules[0]
+            runs.append(Run(mode, round_index, prompt, k, result.latency_s, schedule, result.images[0]))
+            k_label = "-" if k is None else k
+            print(f"{family} round {round_index} {mode:12s} k={k_label:>2} prompt {prompt}: "
+                  f"{result.latency_s:6.2f} s tau1={schedule['tau1']} tau2={schedule['tau2']}", flush=True)
     return runs
 
 
-def summarize(runs: list[Run], components: ComponentTimes, diffusers_latencies: list[float], threads: int,
-              steps: int) -> dict:
-    serial = {r.prompt: r for r in runs if r.mode == "serial" and r.k is None}
-    serial_latency = statistics.median(r.latency_s for r in runs if r.mode == "serial" and r.k is None)
-    diffusers_latency = statistics.median(diffusers_latencies)
+def summarize(runs: list[Run], components: list[ComponentTimes], diffusers: dict[tuple[int, int], float],
+              threads: int, steps: int) -> dict:
+    """Per mode: medians over runs; speed-ups paired with the serial (diffusers) run of the same round
+    and prompt; efficiency against the ideal from the same round's one-device timings."""
+    serial = {(r.round, r.prompt): r for r in runs if r.mode == "serial" and r.k is None}
     rows = {}
     groups: dict[str, list[Run]] = {}
     for r in runs:
         key = r.mode if r.k is None else f"hybrid k={r.k}"
         groups.setdefault(key, []).append(r)
     for key, group in groups.items():
-        latency = _stats([r.latency_s for r in group])
-        ideal = statistics.median(components.ideal_latency(r.schedule) for r in group)
         overhead = [r.schedule["overhead_seconds"] / r.schedule["loop_seconds"] for r in group]
         moved = [(r.schedule["bytes_to_devices"] + r.schedule["bytes_from_devices"]) / 1e6 for r in group]
-        fidelity_psnr = [psnr(serial[r.prompt].image, r.image) for r in group]
-        fidelity_ssim = [ssim(serial[r.prompt].image, r.image) for r in group]
         rows[key] = {
-            "latency_s": latency,
-            "speedup_vs_serial": serial_latency / latency["median"],
-            "speedup_vs_diffusers_all_cores": diffusers_latency / latency["median"],
-            "ideal_latency_s": ideal,
-            "parallel_efficiency": ideal / latency["median"],
+            "latency_s": _stats([r.latency_s for r in group]),
+            "speedup_vs_serial": statistics.median(serial[r.round, r.prompt].latency_s / r.latency_s for r in group),
+            "speedup_vs_diffusers_all_cores": statistics.median(diffusers[r.round, r.prompt] / r.latency_s
+                                                                for r in group),
+            "ideal_latency_s": statistics.median(components[r.round].ideal_latency(r.schedule) for r in group),
+            "parallel_efficiency": statistics.median(components[r.round].ideal_latency(r.schedule) / r.latency_s
+                                                     for r in group),
             "overhead_per_step_ms": 1000 * statistics.median(r.schedule["overhead_seconds"] for r in group) / steps,
             "overhead_fraction_of_step": statistics.median(overhead),
             "mb_moved_per_image": statistics.median(moved),
-            "psnr_vs_serial_db": statistics.median(fidelity_psnr),
-            "ssim_vs_serial": statistics.median(fidelity_ssim),
+            "psnr_vs_serial_db": statistics.median(psnr(serial[r.round, r.prompt].image, r.image) for r in group),
+            "ssim_vs_serial": statistics.median(ssim(serial[r.round, r.prompt].image, r.image) for r in group),
             "tau1": sorted({r.schedule["tau1"] for r in group}, key=lambda v: (v is None, v)),
             "tau2": sorted({r.schedule["tau2"] for r in group}, key=lambda v: (v is None, v)),
             "phase_steps": group[0].schedule["phase_steps"],
         }
+
+    def median_of(pick) -> float | tuple[float, float]:
+        values = [pick(c) for c in components]
+        if isinstance(values[0], tuple):
+            return tuple(statistics.median(v[i] for v in values) for i in range(len(values[0])))
+        return statistics.median(values)
+
     return {
         "rows": rows,
-        "diffusers_all_cores": {"latency_s": _stats(diffusers_latencies), "threads": threads},
+        "diffusers_all_cores": {"latency_s": _stats(list(diffusers.values())), "threads": threads},
         "components_s": {
-            "text_encoder": components.text_encoder,
-            "vae": components.vae,
-            "full_batch1": components.full[1],
-            "full_batch2": components.full[2],
-            "stages_batch1": components.stages[1],
-            "stages_batch2": components.stages[2],
+            "text_encoder": median_of(lambda c: c.text_encoder),
+            "vae": median_of(lambda c: c.vae),
+            "full_batch1": median_of(lambda c: c.full[1]),
+            "full_batch2": median_of(lambda c: c.full[2]),
+            "batch2_over_batch1": median_of(lambda c: c.full[2] / c.full[1]),
+            "stages_batch1": median_of(lambda c: c.stages[1]),
+            "stages_batch2": median_of(lambda c: c.stages[2]),
         },
     }
 
@@ -291,9 +330,9 @@ def markdown_table(family: str, summary: dict) -> list[str]:
     probe = summary.get("contention_batch1_s")
     if probe:
         lines.append(
-            f"Batch efficiency: batch 2 takes {c['full_batch2'] / c['full_batch1']:.2f}x batch 1. Contention: a "
+            f"Batch efficiency: batch 2 takes {c['batch2_over_batch1']:.2f}x batch 1. Contention: a "
             f"batch-1 forward takes {probe['alone']:.3f} s alone and {probe['together']:.3f} s while the other "
-            f"core runs one ({probe['slowdown']:.2f}x)."
+            f"core runs one ({probe['slowdown']:.2f}x). One-device timings are medians over the rounds."
         )
     return lines + [""]
 
@@ -346,6 +385,9 @@ def main(argv: list[str] | None = None) -> None:
 
     families = args.families.split(",")
     guidance = {f: get_family(f).defaults.guidance_scale for f in families}
+    checkpoints = {f: args.checkpoints / f"{f}-{args.checkpoint_size}" for f in families}
+    one_device = {f: OneDevice(f, checkpoints[f], args.size) for f in families}
+    alternative = {f: DiffusersAllCores(checkpoints[f], guidance[f], args.steps, args.size) for f in families}
     server = None
     if args.url is None:
         from hybridiff.tritonserver import TritonServer
@@ -354,24 +396,29 @@ def main(argv: list[str] | None = None) -> None:
         url = server.http_url
     else:
         url = args.url
-    runs: dict[str, list[Run]] = {}
+    runs: dict[str, list[Run]] = {f: [] for f in families}
+    components: dict[str, list[ComponentTimes]] = {f: [] for f in families}
+    diffusers: dict[str, dict[tuple[int, int], float]] = {f: {} for f in families}
     try:
         client = make_client("http", url, connection_timeout=3600, network_timeout=3600)
         for family in families:
-            runs[family] = run_server_modes(client, "http", family, guidance[family], args)
+            warm = {"steps": 4, "height": args.size, "width": args.size}
+            generate(client, "http", family, ["warm-up"], mode="hybrid", **warm)
+        for round_index in range(args.repeats):
+            for family in families:
+                components[family].append(one_device[family].measure(repeats=5))
+                for prompt in range(args.prompts):
+                    diffusers[family][round_index, prompt] = alternative[family].latency(prompt)
+                runs[family] += run_round(client, "http", family, guidance[family], round_index, args)
         client.close()
     finally:
         if server is not None:
             server.__exit__(None, None, None)
     summaries = {}
     for family in families:
-        checkpoint = args.checkpoints / f"{family}-{args.checkpoint_size}"
-        components = measure_components(family, checkpoint, args.size, repeats=5)
-        diffusers_latencies, threads = diffusers_all_cores(
-            checkpoint, guidance[family], list(range(args.prompts)), args.steps, args.size, args.repeats
-        )
-        summaries[family] = summarize(runs[family], components, diffusers_latencies, threads, args.steps)
-        summaries[family]["contention_batch1_s"] = contention_probe(family, checkpoint, args.size)
+        threads = alternative[family].threads
+        summaries[family] = summarize(runs[family], components[family], diffusers[family], threads, args.steps)
+        summaries[family]["contention_batch1_s"] = contention_probe(family, checkpoints[family], args.size)
     machine = (f"{os.cpu_count()} cores ({_cpu_name()}), one core per device, `{args.checkpoint_size}` models, "
                f"{args.steps} steps, {args.size}x{args.size}, {args.prompts} prompts x {args.repeats} runs per mode")
     lines = [f"Measured on {machine} with `make bench`.", ""]

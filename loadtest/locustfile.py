@@ -58,7 +58,8 @@ class ImageUser(User):
     def on_start(self) -> None:
         # The same request sequence for user i in every level and mode, so modes are compared on
         # identical work.
-        self.rng = random.Random(f"{self.protocol}-{ImageUser.started}")
+        self.index = ImageUser.started
+        self.rng = random.Random(f"{self.protocol}-{self.index}")
         ImageUser.started += 1
         self.mode = os.environ.get("LOADTEST_MODE", "auto")
         self.client = make_client(self.protocol, self.host, **self._client_options())
@@ -75,7 +76,7 @@ class ImageUser(User):
 
     @task
     def generate_image(self) -> None:
-        if self.sink is not None and not self.sink.may_start():
+        if self.sink is not None and not self.sink.may_start(self.index):
             time.sleep(0.05)
             return
         prompt, fields = request_fields(self.rng, self.mode)

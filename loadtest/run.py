@@ -3,11 +3,14 @@
     python -m loadtest.run                       # starts a server on the small model
     python -m loadtest.run --url 127.0.0.1:8000  # or uses a running one (local addresses only)
 
-For each mode (and ``auto``) and each user count, Locust users send requests back to back until
-``--requests`` have completed or ``--seconds`` have passed; then no new request starts and the
-level ends when the last one returns (so levels never overlap). Triton's own queue time per model
-comes from its metrics endpoint. Afterwards every distinct request is run alone and each image
-from the sweep must equal it (max abs pixel difference <= 1). Writes CSV, Markdown and a PNG.
+For each user count, and for each mode (and ``auto``) in turn at that count, Locust users send
+requests back to back: each user sends its own fixed sequence of ``--requests-per-user`` requests
+(or fewer if ``--seconds`` pass), so every mode gets exactly the same work; the level ends when the
+last one returns (levels never overlap). Modes are interleaved per user count, so the machine's
+drift over the sweep (a shared VM here) does not favour the mode that happened to run first.
+Triton's own queue time per model comes from its metrics endpoint. Afterwards every distinct
+request is run alone and each image from the sweep must equal it (max abs pixel difference <= 1).
+Writes CSV, Markdown and a PNG.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import re
 import statistics
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import gevent
@@ -29,40 +31,10 @@ from locust.env import Environment
 
 from client.generate import generate, make_client
 from loadtest.locustfile import PROMPTS, GrpcImageUser, HttpImageUser, ImageUser
+from loadtest.sink import Sink
 
 LOCAL_PREFIXES = ("127.", "localhost", "[::1]")
 METRIC_LINE = re.compile(r'(nv_inference_queue_duration_us|nv_inference_request_success)\{model="([^"]+)".*\} (\S+)')
-
-
-@dataclass
-class Sink:
-    """Collects results for one level and tells users when to stop starting requests."""
-
-    max_requests: int
-    deadline: float
-    started: int = 0
-    results: list[dict] = field(default_factory=list)
-
-    def may_start(self) -> bool:
-        if self.started >= self.max_requests or time.perf_counter() >= self.deadline:
-            return False
-        self.started += 1
-        return True
-
-    def record(self, prompt: int, fields: dict, latency_s: float, result, exception) -> None:
-        self.results.append({
-            "prompt": prompt,
-            "fields": fields,
-            "latency_s": latency_s,
-            "finished": time.perf_counter(),
-            "image": None if result is None else result.images[0],
-            "mode_run": None if result is None else result.schedules[0]["mode_run"],
-            "error": None if exception is None else str(exception),
-        })
-
-    @property
-    def in_flight(self) -> int:
-        return self.started - len(self.results)
 
 
 def queue_metrics(metrics_url: str) -> dict[str, tuple[float, float]]:
@@ -77,16 +49,16 @@ def queue_metrics(metrics_url: str) -> dict[str, tuple[float, float]]:
     return {m: (queue.get(m, 0.0), success.get(m, 0.0)) for m in set(queue) | set(success)}
 
 
-def run_level(host: str, user_class, users: int, mode: str, max_requests: int, seconds: float) -> tuple[Sink, float]:
+def run_level(host: str, user_class, users: int, mode: str, quota: int, seconds: float) -> tuple[Sink, float]:
     os.environ["LOADTEST_MODE"] = mode
     ImageUser.started = 0
     env = Environment(user_classes=[user_class], host=host)
-    sink = Sink(max_requests=max_requests, deadline=time.perf_counter() + seconds)
+    sink = Sink(quota=quota, deadline=time.perf_counter() + seconds)
     env.hybridiff_sink = sink
     runner = env.create_local_runner()
     started = time.perf_counter()
     runner.start(users, spawn_rate=users)
-    while sink.started < max_requests and time.perf_counter() < sink.deadline:
+    while not sink.finished_starting(users):
         gevent.sleep(0.2)
     while sink.in_flight > 0:
         gevent.sleep(0.2)
@@ -192,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--modes", default="serial,cfg_parallel,hybrid,auto")
     parser.add_argument("--users", default="1,2,4,8")
-    parser.add_argument("--requests", type=int, default=0, help="per level (default 3 x users, at least 6)")
-    parser.add_argument("--seconds", type=float, default=120.0, help="per level, at most")
+    parser.add_argument("--requests-per-user", type=int, default=6, help="per user and level")
+    parser.add_argument("--seconds", type=float, default=300.0, help="per level, at most")
     parser.add_argument("--out", type=Path, default=Path("out/loadtest"))
     args = parser.parse_args(argv)
 
@@ -215,15 +187,15 @@ def main(argv: list[str] | None = None) -> None:
         warm = make_client(args.protocol, url)
         generate(warm, args.protocol, "sdxl", ["warm-up"], steps=2, height=256, width=256, mode="hybrid")
         warm.close()
-        for mode in args.modes.split(","):
-            for users in [int(u) for u in args.users.split(",")]:
+        for users in [int(u) for u in args.users.split(",")]:
+            for mode in args.modes.split(","):
                 before = queue_metrics(metrics_url)
-                limit = args.requests or max(6, 3 * users)
-                sink, started = run_level(url, user_class, users, mode, limit, args.seconds)
+                sink, started = run_level(url, user_class, users, mode, args.requests_per_user, args.seconds)
                 row = level_row(mode, users, sink, started, queue_delta(before, queue_metrics(metrics_url)))
                 rows.append(row)
                 results.extend(sink.results)
                 print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        rows.sort(key=lambda r: (args.modes.split(",").index(r["mode"]), r["users"]))
         worst, checked = check_against_solo(url, args.protocol, "sdxl", results)
     finally:
         if server is not None:

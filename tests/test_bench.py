@@ -24,3 +24,34 @@ def schedule(mode: str, phases: list[str]) -> dict:
 )
 def test_ideal_latency(mode, phases, expected):
     assert TIMES.ideal_latency(schedule(mode, phases)) == pytest.approx(expected)
+
+
+def test_speedups_and_efficiency_are_paired_within_a_round():
+    """The machine is 2x slower in round 1, and the k ablation runs in round 0 only: its speed-ups must
+    come from round 0's serial and diffusers runs (2.0x, 1.2x), not from medians pooled over both
+    rounds (3.0x, 1.8x)."""
+    import numpy as np
+
+    from client.bench import Run, summarize
+
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    runs, components, diffusers = [], [], {}
+
+    def add(mode, round_index, k, phase, latency):
+        sched = {"mode_run": mode, "phases": [phase] * 10, "overhead_seconds": 0.0, "loop_seconds": 1.0,
+                 "bytes_to_devices": 0, "bytes_from_devices": 0, "tau1": None, "tau2": None,
+                 "phase_steps": {phase: 10}}
+        runs.append(Run(mode, round_index, 0, k, latency, sched, image))
+
+    for round_index, slowdown in enumerate((1.0, 2.0)):
+        components.append(ComponentTimes(0.0, 0.0, {1: 0.1 * slowdown, 2: 0.2 * slowdown}, TIMES.stages))
+        diffusers[round_index, 0] = 1.5 * slowdown
+        add("serial", round_index, None, "serial", 2.5 * slowdown)
+        add("cfg_parallel", round_index, None, "partition", 1.25 * slowdown)
+    add("hybrid", 0, 0, "partition", 1.25)
+    rows = summarize(runs, components, diffusers, threads=2, steps=10)["rows"]
+    for key in ("cfg_parallel", "hybrid k=0"):
+        assert rows[key]["speedup_vs_serial"] == pytest.approx(2.0)
+        assert rows[key]["speedup_vs_diffusers_all_cores"] == pytest.approx(1.2)
+        assert rows[key]["parallel_efficiency"] == pytest.approx(0.8)  # 10 x 0.1 / 1.25, per round
+    assert rows["serial"]["parallel_efficiency"] == pytest.approx(0.8)

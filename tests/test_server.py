@@ -254,7 +254,8 @@ def test_locust_sweep_runs_clean_against_the_server(server, tmp_path):
     env = {**os.environ, "LOADTEST_SIZES": "64", "LOADTEST_STEPS": "6"}
     command = [
         sys.executable, "-m", "loadtest.run", "--url", server.http_url, "--metrics-url", server.metrics_url,
-        "--modes", "auto,serial", "--users", "1,2", "--requests", "3", "--seconds", "60", "--out", str(tmp_path),
+        "--modes", "auto,serial", "--users", "1,2", "--requests-per-user", "2", "--seconds", "60",
+        "--out", str(tmp_path),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
@@ -262,8 +263,12 @@ def test_locust_sweep_runs_clean_against_the_server(server, tmp_path):
     table = (tmp_path / "loadtest.md").read_text()
     assert "Failed requests: 0" in table and "max abs pixel difference" in table
     assert (tmp_path / "loadtest.png").stat().st_size > 0
-    rows = (tmp_path / "loadtest.csv").read_text().splitlines()
-    assert len(rows) == 1 + 4  # header + 2 modes x 2 user counts
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "loadtest.csv").read_text().splitlines()))
+    assert [(r["mode"], r["users"]) for r in rows] == [("auto", "1"), ("auto", "2"), ("serial", "1"), ("serial", "2")]
+    # The same work in every level: each user sent its quota of 2.
+    assert [int(r["requests"]) for r in rows] == [2, 4, 2, 4]
 
 
 def test_every_thread_of_a_denoiser_is_pinned_to_its_core(server):
