@@ -15,6 +15,7 @@ measured in this run; nothing is typed in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -55,6 +56,14 @@ class ComponentTimes:
     vae: float
     full: dict[int, float]  # batch -> whole denoiser
     stages: dict[int, tuple[float, float]]  # batch -> (stage 0, stage 1)
+    # Batch-1 forward while the other core runs the same forwards: what a device of a 2-device mode
+    # gets from the hardware. None where not measured.
+    full1_beside_busy_core: float | None = None
+
+    @property
+    def contention(self) -> float:
+        """How much slower a device computes while its twin computes too (1.0 = not at all)."""
+        return 1.0 if self.full1_beside_busy_core is None else self.full1_beside_busy_core / self.full[1]
 
     def step(self, mode: str, phase: str) -> float:
         if phase == "serial":
@@ -102,14 +111,20 @@ class OneDevice:
             cond.update({k: v.expand(batch, -1) for k, v in extra.items()})
             self.conditioning[batch] = cond
 
-    def measure(self, repeats: int) -> ComponentTimes:
+    def measure(self, repeats: int, neighbour: Neighbour | None = None) -> ComponentTimes:
         import torch
 
         previous = os.sched_getaffinity(0), torch.get_num_threads()
         os.sched_setaffinity(0, {self.core})
         torch.set_num_threads(1)
         try:
-            return self._measure(repeats)
+            times = self._measure(repeats)
+            if neighbour is not None:
+                cond = self.conditioning[1]
+                denoiser, latent, timestep = self.local.denoisers[0], self.latent, self.timestep
+                with neighbour.busy():
+                    times.full1_beside_busy_core = _median_time(lambda: denoiser.run(latent, timestep, cond), repeats)
+            return times
         finally:
             os.sched_setaffinity(0, previous[0])
             torch.set_num_threads(previous[1])
@@ -132,8 +147,8 @@ class OneDevice:
         return ComponentTimes(text, vae, full, stages)
 
 
-def _probe_worker(family: str, checkpoint: str, size: int, core: int, start_at: float, repeats: int, queue) -> None:
-    """One device's batch-1 forwards on ``core``, starting at ``start_at`` (so two workers overlap)."""
+def _neighbour_loop(family: str, checkpoint: str, size: int, core: int, commands, replies, stop) -> None:
+    """Child process: batch-1 forwards on ``core`` from each "run" command until ``stop`` is set."""
     import torch
 
     from hybridiff.local import LocalPipeline
@@ -146,38 +161,53 @@ def _probe_worker(family: str, checkpoint: str, size: int, core: int, start_at: 
     side = size // local.sampler.vae_scale_factor
     latent = torch.randn(1, local.sampler.latent_channels, side, side)
     local.denoisers[0].run(latent, torch.tensor([500.0]), cond)
-    while time.time() < start_at:
-        time.sleep(0.01)
-    times = [local.denoisers[0].run(latent, torch.tensor([500.0]), cond).compute_seconds for _ in range(repeats)]
-    queue.put((core, statistics.median(times)))
+    replies.put("ready")
+    while commands.get() == "run":
+        replies.put("running")
+        forwards = 0
+        while not stop.is_set():
+            local.denoisers[0].run(latent, torch.tensor([500.0]), cond)
+            forwards += 1
+        replies.put(forwards)
 
 
-def contention_probe(family: str, checkpoint: Path, size: int, repeats: int = 6) -> dict:
-    """How much slower a batch-1 forward gets when the other core runs one at the same time.
-
-    This is the hardware's share of the gap between measured and ideal parallel latency: the
-    ideal assumes a device is as fast next to a busy neighbour as alone.
+class Neighbour:
+    """A process on the other core that computes batch-1 forwards on demand: the twin device of a
+    2-device mode. Timing a forward beside it measures how much the two cores slow each other (a
+    shared VM's vCPUs may share a physical core or its caches); the ideal latency assumes they do not.
     """
-    import multiprocessing
 
-    ctx = multiprocessing.get_context("spawn")
-    results = {}
-    cores = sorted(os.sched_getaffinity(0))[:2]
-    for label, used in (("alone", cores[:1]), ("together", cores)):
-        queue = ctx.Queue()
-        start_at = time.time() + 25
-        workers = [
-            ctx.Process(target=_probe_worker, args=(family, str(checkpoint), size, c, start_at, repeats, queue))
-            for c in used
-        ]
-        for w in workers:
-            w.start()
-        measured = [queue.get(timeout=600) for _ in workers]
-        for w in workers:
-            w.join()
-        results[label] = max(t for _, t in measured)
-    results["slowdown"] = results["together"] / results["alone"]
-    return results
+    def __init__(self, family: str, checkpoint: Path, size: int) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.commands, self.replies, self.stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+        cores = sorted(os.sched_getaffinity(0))
+        core = cores[1 % len(cores)]
+        self.process = ctx.Process(
+            target=_neighbour_loop,
+            args=(family, str(checkpoint), size, core, self.commands, self.replies, self.stop),
+            daemon=True,
+        )
+        self.process.start()
+        if self.replies.get(timeout=600) != "ready":
+            raise RuntimeError("the neighbour process did not start")
+
+    @contextlib.contextmanager
+    def busy(self):
+        self.stop.clear()
+        self.commands.put("run")
+        self.replies.get(timeout=60)
+        time.sleep(0.5)  # let it get into its first forward
+        try:
+            yield
+        finally:
+            self.stop.set()
+            self.replies.get(timeout=600)
+
+    def close(self) -> None:
+        self.commands.put("quit")
+        self.process.join(timeout=60)
 
 
 class DiffusersAllCores:
@@ -266,6 +296,13 @@ def summarize(runs: list[Run], components: list[ComponentTimes], diffusers: dict
             "ideal_latency_s": statistics.median(components[r.round].ideal_latency(r.schedule) for r in group),
             "parallel_efficiency": statistics.median(components[r.round].ideal_latency(r.schedule) / r.latency_s
                                                      for r in group),
+            # The same, with the ideal slowed by the round's measured contention where two devices compute.
+            "efficiency_net_of_contention": statistics.median(
+                components[r.round].ideal_latency(r.schedule)
+                * (1.0 if r.schedule["mode_run"] == "serial" else components[r.round].contention)
+                / r.latency_s
+                for r in group
+            ),
             "overhead_per_step_ms": 1000 * statistics.median(r.schedule["overhead_seconds"] for r in group) / steps,
             "overhead_fraction_of_step": statistics.median(overhead),
             "mb_moved_per_image": statistics.median(moved),
@@ -293,6 +330,8 @@ def summarize(runs: list[Run], components: list[ComponentTimes], diffusers: dict
             "batch2_over_batch1": median_of(lambda c: c.full[2] / c.full[1]),
             "stages_batch1": median_of(lambda c: c.stages[1]),
             "stages_batch2": median_of(lambda c: c.stages[2]),
+            "full_batch1_beside_busy_core": median_of(lambda c: c.full1_beside_busy_core or c.full[1]),
+            "contention": median_of(lambda c: c.contention),
         },
     }
 
@@ -306,14 +345,16 @@ def markdown_table(family: str, summary: dict) -> list[str]:
         f"**{family}**",
         "",
         "| mode | latency median (min-max) | vs serial | vs diffusers, all cores | parallel efficiency "
-        "| overhead / step | MB moved / image | PSNR vs serial (dB) | SSIM vs serial | tau1, tau2 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| efficiency net of contention | overhead / step | MB moved / image | PSNR vs serial (dB) | SSIM vs serial "
+        "| tau1, tau2 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, row in summary["rows"].items():
         lat = row["latency_s"]
         lines.append(
             f"| {key} | {lat['median']:.2f} s ({lat['min']:.2f}-{lat['max']:.2f}) | {row['speedup_vs_serial']:.2f}x "
             f"| {row['speedup_vs_diffusers_all_cores']:.2f}x | {row['parallel_efficiency']:.3f} "
+            f"| {row['efficiency_net_of_contention']:.3f} "
             f"| {row['overhead_per_step_ms']:.1f} ms ({100 * row['overhead_fraction_of_step']:.1f}%) "
             f"| {row['mb_moved_per_image']:.1f} | {_fmt_db(row['psnr_vs_serial_db'])} "
             f"| {row['ssim_vs_serial']:.4f} | {row['tau1']}, {row['tau2']} |"
@@ -327,13 +368,11 @@ def markdown_table(family: str, summary: dict) -> list[str]:
         f"stages batch 1 {c['stages_batch1'][0]:.3f} / {c['stages_batch1'][1]:.3f} s; text encoders "
         f"{c['text_encoder']:.3f} s; VAE decode {c['vae']:.3f} s. hybrid uses k=5.",
     ]
-    probe = summary.get("contention_batch1_s")
-    if probe:
-        lines.append(
-            f"Batch efficiency: batch 2 takes {c['batch2_over_batch1']:.2f}x batch 1. Contention: a "
-            f"batch-1 forward takes {probe['alone']:.3f} s alone and {probe['together']:.3f} s while the other "
-            f"core runs one ({probe['slowdown']:.2f}x). One-device timings are medians over the rounds."
-        )
+    lines.append(
+        f"Batch efficiency: batch 2 takes {c['batch2_over_batch1']:.2f}x batch 1. Contention: a batch-1 forward "
+        f"takes {c['full_batch1']:.3f} s alone and {c['full_batch1_beside_busy_core']:.3f} s while the other core "
+        f"runs one ({c['contention']:.2f}x). One-device timings are medians over the rounds."
+    )
     return lines + [""]
 
 
@@ -380,13 +419,19 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.contention_only:
         for family in args.families.split(","):
-            print(family, contention_probe(family, args.checkpoints / f"{family}-{args.checkpoint_size}", args.size))
+            checkpoint = args.checkpoints / f"{family}-{args.checkpoint_size}"
+            neighbour = Neighbour(family, checkpoint, args.size)
+            times = OneDevice(family, checkpoint, args.size).measure(repeats=6, neighbour=neighbour)
+            neighbour.close()
+            print(f"{family}: batch-1 forward {times.full[1]:.3f} s alone, {times.full1_beside_busy_core:.3f} s "
+                  f"beside a busy core ({times.contention:.2f}x)")
         return
 
     families = args.families.split(",")
     guidance = {f: get_family(f).defaults.guidance_scale for f in families}
     checkpoints = {f: args.checkpoints / f"{f}-{args.checkpoint_size}" for f in families}
     one_device = {f: OneDevice(f, checkpoints[f], args.size) for f in families}
+    neighbours = {f: Neighbour(f, checkpoints[f], args.size) for f in families}
     alternative = {f: DiffusersAllCores(checkpoints[f], guidance[f], args.steps, args.size) for f in families}
     server = None
     if args.url is None:
@@ -406,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
             generate(client, "http", family, ["warm-up"], mode="hybrid", **warm)
         for round_index in range(args.repeats):
             for family in families:
-                components[family].append(one_device[family].measure(repeats=5))
+                components[family].append(one_device[family].measure(repeats=5, neighbour=neighbours[family]))
                 for prompt in range(args.prompts):
                     diffusers[family][round_index, prompt] = alternative[family].latency(prompt)
                 runs[family] += run_round(client, "http", family, guidance[family], round_index, args)
@@ -414,11 +459,12 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if server is not None:
             server.__exit__(None, None, None)
+        for neighbour in neighbours.values():
+            neighbour.close()
     summaries = {}
     for family in families:
         threads = alternative[family].threads
         summaries[family] = summarize(runs[family], components[family], diffusers[family], threads, args.steps)
-        summaries[family]["contention_batch1_s"] = contention_probe(family, checkpoints[family], args.size)
     machine = (f"{os.cpu_count()} cores ({_cpu_name()}), one core per device, `{args.checkpoint_size}` models, "
                f"{args.steps} steps, {args.size}x{args.size}, {args.prompts} prompts x {args.repeats} runs per mode")
     lines = [f"Measured on {machine} with `make bench`.", ""]

@@ -44,7 +44,9 @@ def test_speedups_and_efficiency_are_paired_within_a_round():
         runs.append(Run(mode, round_index, 0, k, latency, sched, image))
 
     for round_index, slowdown in enumerate((1.0, 2.0)):
-        components.append(ComponentTimes(0.0, 0.0, {1: 0.1 * slowdown, 2: 0.2 * slowdown}, TIMES.stages))
+        # Beside a busy core a forward takes 1.25x as long (the vCPUs share a physical core).
+        components.append(ComponentTimes(0.0, 0.0, {1: 0.1 * slowdown, 2: 0.2 * slowdown}, TIMES.stages,
+                                         full1_beside_busy_core=0.125 * slowdown))
         diffusers[round_index, 0] = 1.5 * slowdown
         add("serial", round_index, None, "serial", 2.5 * slowdown)
         add("cfg_parallel", round_index, None, "partition", 1.25 * slowdown)
@@ -54,4 +56,10 @@ def test_speedups_and_efficiency_are_paired_within_a_round():
         assert rows[key]["speedup_vs_serial"] == pytest.approx(2.0)
         assert rows[key]["speedup_vs_diffusers_all_cores"] == pytest.approx(1.2)
         assert rows[key]["parallel_efficiency"] == pytest.approx(0.8)  # 10 x 0.1 / 1.25, per round
+        assert rows[key]["efficiency_net_of_contention"] == pytest.approx(1.0)  # 10 x 0.125 / 1.25
     assert rows["serial"]["parallel_efficiency"] == pytest.approx(0.8)
+    assert rows["serial"]["efficiency_net_of_contention"] == pytest.approx(0.8)  # one device: no twin
+
+
+def test_contention_defaults_to_none_measured():
+    assert TIMES.contention == 1.0
