@@ -6,8 +6,6 @@ for the plain helpers at the top, which tests use directly.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 from dataclasses import dataclass
@@ -43,37 +41,9 @@ class Placement:
                     os.sched_setaffinity(thread_id, cores)
                 except (ProcessLookupError, PermissionError):
                     pass  # a thread that ended meanwhile
-            keep_freed_memory()
         torch.set_num_threads(threads)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling on 64-bit
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed activation buffers for the next forward instead of returning them.
-
-    By default glibc hands large freed blocks back to the kernel (munmap, heap trim) and its
-    thresholds drift with the history of allocation sizes. A stub that has served mixed shapes
-    (stages, batches) then page-faults on every forward: measured 3,500 minor faults per step and a
-    device ~5% slower than its twin. Fixed thresholds keep those pages mapped. Returns whether
-    glibc accepted them (False on other C libraries, where this is a no-op).
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-        )
-    except (OSError, AttributeError):
-        return False
 
 
 def _thread_ids() -> list[int]:

@@ -1,0 +1,19 @@
+"""Placement of a model instance (Triton glue, tested without Triton): device, dtype, cores."""
+
+import torch
+
+from hybridiff.triton.common import placement_from_args
+
+
+def test_gpu_instance_uses_its_device_in_fp16_and_no_cores():
+    placement = placement_from_args({"model_instance_kind": "GPU", "model_instance_device_id": "1"}, {})
+    assert placement.device == torch.device("cuda:1")
+    assert placement.dtype == torch.float16
+    assert placement.cpu_cores is None
+
+
+def test_cpu_instance_uses_the_configured_cores_in_fp32():
+    placement = placement_from_args({"model_instance_kind": "CPU"}, {"cpu_cores": "1"})
+    assert placement.device == torch.device("cpu")
+    assert placement.dtype == torch.float32
+    assert placement.cpu_cores == (1,)
