@@ -74,6 +74,26 @@ def test_board_is_shared_between_processes_and_forgets_dead_ones(tmp_path):
     assert board.loads() == [0, 0]
 
 
+def test_reading_the_loads_does_not_write_the_board(tmp_path):
+    """An auto run reads the board before every step: a read must not rewrite the file (a write on a
+    disk-backed /tmp can wait for the journal, tens of ms in the server)."""
+    board = LoadBoard(tmp_path / "board.json", 2)
+    with board.occupy(lambda loads: (None, (0,))):
+        before = (board.path.read_text(), board.path.stat().st_mtime_ns)
+        for _ in range(3):
+            assert board.loads() == [1, 0]
+        assert (board.path.read_text(), board.path.stat().st_mtime_ns) == before
+
+
+def test_the_server_board_lives_in_memory_where_there_is_shared_memory():
+    from hybridiff.load import default_board_path
+
+    path = default_board_path()
+    assert path.name == f"hybridiff-load-{os.getppid()}.json"
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        assert str(path.parent) == "/dev/shm"
+
+
 def test_placement_without_guidance_occupies_one_device():
     assert place_request(Mode.CFG_PARALLEL, [0, 0], guidance=False).devices == (0,)
     assert place_request(Mode.PIPELINE, [0, 0], guidance=False).devices == (0, 1)

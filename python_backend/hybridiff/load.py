@@ -19,8 +19,14 @@ from pathlib import Path
 
 
 def default_board_path() -> Path:
-    """One board per running server: the stub's parent process is the tritonserver."""
-    return Path(tempfile.gettempdir()) / f"hybridiff-load-{os.getppid()}.json"
+    """One board per running server (the stub's parent process is the tritonserver), in memory.
+
+    /dev/shm is RAM; on a disk-backed /tmp a write can wait for the filesystem's journal, and the
+    board is read before every step of an ``auto`` run (measured: up to 26 ms per step on /tmp).
+    """
+    shm = Path("/dev/shm")
+    folder = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    return folder / f"hybridiff-load-{os.getppid()}.json"
 
 
 def _alive(pid: int) -> bool:
@@ -41,12 +47,11 @@ class LoadBoard:
 
     @contextmanager
     def _locked(self) -> Iterator[dict[str, dict]]:
+        """The live entries under an exclusive lock; written back when the block ends."""
         with open(self.path, "r+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                text = handle.read()
-                entries = json.loads(text) if text.strip() else {}
-                entries = {k: v for k, v in entries.items() if _alive(v["pid"])}
+                entries = self._live(handle.read())
                 yield entries
                 handle.seek(0)
                 handle.truncate()
@@ -55,10 +60,20 @@ class LoadBoard:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    @staticmethod
+    def _live(text: str) -> dict[str, dict]:
+        entries = json.loads(text) if text.strip() else {}
+        return {k: v for k, v in entries.items() if _alive(v["pid"])}
+
     def loads(self) -> list[int]:
-        """Requests in flight on each device."""
-        with self._locked() as entries:
-            return self._count(entries)
+        """Requests in flight on each device. Read-only (shared lock, no write-back): an ``auto`` run
+        asks before every step, and a dead process's entry is dropped by the next writer anyway."""
+        with open(self.path) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            try:
+                return self._count(self._live(handle.read()))
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _count(self, entries: dict[str, dict]) -> list[int]:
         counts = [0] * self.num_devices

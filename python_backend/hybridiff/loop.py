@@ -87,6 +87,7 @@ class LoopReport:
     # Per step: wall time minus the longest device compute of that step, summed. What the loop,
     # the transport and the scheduler cost beyond the work itself.
     overhead_seconds: float = 0.0
+    placement_seconds: float = 0.0  # of which: the load-aware checks between steps (``before_step``)
     bytes_to_devices: int = 0
     bytes_from_devices: int = 0
     batched_steps: int = 0  # steps whose device pass was shared with other requests
@@ -98,6 +99,7 @@ class LoopReport:
             "loop_seconds": round(self.loop_seconds, 6),
             "device_seconds": {str(k): round(v, 6) for k, v in sorted(self.device_seconds.items())},
             "overhead_seconds": round(self.overhead_seconds, 6),
+            "placement_seconds": round(self.placement_seconds, 6),
             "bytes_to_devices": self.bytes_to_devices,
             "bytes_from_devices": self.bytes_from_devices,
             "batched_steps": self.batched_steps,
@@ -143,6 +145,7 @@ async def denoise_image(
         step_started = time.perf_counter()
         if before_step is not None:
             before_step(step, schedule)
+            report.placement_seconds += time.perf_counter() - step_started
         plan = schedule.plan(step)
         model_input = sampler.scale_model_input(scheduler, latents, timestep)
         eps_devices = {a.device for a in plan.eps_assignments}
