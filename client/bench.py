@@ -120,14 +120,16 @@ class OneDevice:
         try:
             times = self._measure(repeats)
             if neighbour is not None:
-                cond = self.conditioning[1]
-                denoiser, latent, timestep = self.local.denoisers[0], self.latent, self.timestep
                 with neighbour.busy():
-                    times.full1_beside_busy_core = _median_time(lambda: denoiser.run(latent, timestep, cond), repeats)
+                    times.full1_beside_busy_core = _median_time(lambda: self.forward(1), repeats)
             return times
         finally:
             os.sched_setaffinity(0, previous[0])
             torch.set_num_threads(previous[1])
+
+    def forward(self, batch: int) -> None:
+        """One whole-denoiser forward at ``batch`` (1: a CFG branch; 2: both, as ``serial`` runs)."""
+        self.local.denoisers[0].run(self.latent, self.timestep, self.conditioning[batch])
 
     def _measure(self, repeats: int) -> ComponentTimes:
         import torch
@@ -135,7 +137,7 @@ class OneDevice:
         denoiser, latent, timestep = self.local.denoisers[0], self.latent, self.timestep
         full, stages = {}, {}
         for batch, cond in self.conditioning.items():
-            full[batch] = _median_time(lambda c=cond: denoiser.run(latent, timestep, c), repeats)
+            full[batch] = _median_time(lambda b=batch: self.forward(b), repeats)
             head = denoiser.run(latent, timestep, cond, capture_stage=1).activations
             middle = denoiser.run(latent, timestep, cond, stage=0, stale=head).activations
             stage0 = _median_time(lambda c=cond, h=head: denoiser.run(latent, timestep, c, stage=0, stale=h), repeats)
@@ -151,24 +153,16 @@ def _neighbour_loop(family: str, checkpoint: str, size: int, core: int, commands
     """Child process: batch-1 forwards on ``core`` from each "run" command until ``stop`` is set."""
     import torch
 
-    from hybridiff.local import LocalPipeline
-    from hybridiff.schedule import COND
-
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
-    local = LocalPipeline(family, Path(checkpoint), devices=1)
-    cond = {**local.branch_conditioning(PROMPTS[0], None)[COND], **local.sampler.extra_conditioning(size, size)}
-    side = size // local.sampler.vae_scale_factor
-    latent = torch.randn(1, local.sampler.latent_channels, side, side)
-    local.denoisers[0].run(latent, torch.tensor([500.0]), cond)
+    device = OneDevice(family, Path(checkpoint), size)
+    device.forward(1)
     replies.put("ready")
     while commands.get() == "run":
         replies.put("running")
-        forwards = 0
         while not stop.is_set():
-            local.denoisers[0].run(latent, torch.tensor([500.0]), cond)
-            forwards += 1
-        replies.put(forwards)
+            device.forward(1)
+        replies.put("stopped")
 
 
 class Neighbour:

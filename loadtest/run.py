@@ -182,20 +182,21 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("load tests only target this machine (127.0.0.1, localhost or [::1])")
         metrics_url = args.metrics_url or f"http://{url.rsplit(':', 1)[0]}:8002/metrics"
     user_class = HttpImageUser if args.protocol == "http" else GrpcImageUser
+    modes = args.modes.split(",")
     rows, results = [], []
     try:
         warm = make_client(args.protocol, url)
         generate(warm, args.protocol, "sdxl", ["warm-up"], steps=2, height=256, width=256, mode="hybrid")
         warm.close()
         for users in [int(u) for u in args.users.split(",")]:
-            for mode in args.modes.split(","):
+            for mode in modes:
                 before = queue_metrics(metrics_url)
                 sink, started = run_level(url, user_class, users, mode, args.requests_per_user, args.seconds)
                 row = level_row(mode, users, sink, started, queue_delta(before, queue_metrics(metrics_url)))
                 rows.append(row)
                 results.extend(sink.results)
                 print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-        rows.sort(key=lambda r: (args.modes.split(",").index(r["mode"]), r["users"]))
+        rows.sort(key=lambda r: (modes.index(r["mode"]), r["users"]))
         worst, checked = check_against_solo(url, args.protocol, "sdxl", results)
     finally:
         if server is not None:

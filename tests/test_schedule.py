@@ -193,11 +193,12 @@ def test_auto_hybrid_yields_a_device_when_others_arrive_before_its_pipeline():
 
 
 def test_a_hybrid_in_its_pipeline_phase_keeps_its_devices():
-    from hybridiff.schedule import yield_device
+    from hybridiff.schedule import may_yield, yield_device
 
     knobs = HybridKnobs(window=3, eps_slope=1e-3, k=3, tau_cap=40)
     schedule = GuidanceSchedule(Mode.HYBRID, 20, knobs, guidance=True)
     run(schedule, falling_then_flat(20, knee=4))  # tau1 = 6
     assert yield_device(schedule, 7, [2, 2]) is None
+    assert may_yield(schedule, 6) and not may_yield(schedule, 7)  # the orchestrator stops reading loads
     with pytest.raises(ValueError, match="before its pipeline"):
         schedule.continue_serially(7, 0)

@@ -281,6 +281,14 @@ def place_request(mode: Mode, loads: list[int], guidance: bool) -> Placement:
     return Placement(mode, least, pair, guidance)
 
 
+def may_yield(schedule: GuidanceSchedule, step: int) -> bool:
+    """Whether the run could still give up a device at ``step``: a hybrid before its pipeline phase.
+
+    Cheap, so callers ask it before reading the loads that :func:`yield_device` needs.
+    """
+    return schedule.effective_mode is Mode.HYBRID and not schedule.pipeline_started(step)
+
+
 def yield_device(schedule: GuidanceSchedule, step: int, loads: list[int]) -> int | None:
     """For a hybrid run placed by ``auto``: the device to finish on alone, once others share its pair.
 
@@ -289,7 +297,7 @@ def yield_device(schedule: GuidanceSchedule, step: int, loads: list[int]) -> int
     its pair (the same image as a serial run), leaving the other to the newcomer. ``loads`` counts
     this request on both devices of its pair.
     """
-    if schedule.effective_mode is not Mode.HYBRID or schedule.pipeline_started(step):
+    if not may_yield(schedule, step):
         return None
     first, second = schedule.pair
     if loads[first] <= 1 and loads[second] <= 1:

@@ -20,7 +20,7 @@ from ..families.base import DenoiseOutput, Family
 from ..load import LoadBoard, default_board_path
 from ..loop import DenoiseTask, ImageRequest, denoise_image
 from ..params import PARAMETERS, InvalidParameter, Limits, parse_image_requests
-from ..schedule import COND, UNCOND, Mode, place_request, yield_device
+from ..schedule import COND, UNCOND, Mode, may_yield, place_request, yield_device
 from .common import error_response, from_triton, input_array, input_tensor, model_context, to_triton
 from .metrics import OrchestratorMetrics
 
@@ -130,8 +130,9 @@ class TritonPythonModel:
             devices = list(placement.devices)
 
             def before_step(step: int, schedule) -> None:
-                # Only runs that auto placed may change shape; an explicit mode is a promise.
-                if image_request.mode is not Mode.AUTO or schedule.effective_mode is not Mode.HYBRID:
+                # Only runs that auto placed may change shape; an explicit mode is a promise. Once the
+                # run can no longer yield (pipeline started, or already serial), skip the board read.
+                if image_request.mode is not Mode.AUTO or not may_yield(schedule, step):
                     return
                 device = yield_device(schedule, step, occupancy.loads())
                 if device is not None:
