@@ -104,6 +104,7 @@ def _summary(schedule: dict) -> str:
     parts.append(f"tau1={schedule['tau1']} tau2={schedule['tau2']} ({schedule['tau_source']})")
     parts.append("steps " + ", ".join(f"{k} {v}" for k, v in schedule["phase_steps"].items()))
     parts.append("time " + ", ".join(f"{k} {v:.3f}s" for k, v in schedule["phase_seconds"].items()))
+    parts.append(f"overhead {schedule['overhead_seconds']:.3f}s (load checks {schedule['placement_seconds']:.4f}s)")
     return "; ".join(parts)
 
 
