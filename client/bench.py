@@ -210,6 +210,9 @@ class DiffusersAllCores:
     def __init__(self, checkpoint: Path, guidance: float, steps: int, size: int) -> None:
         from diffusers import DiffusionPipeline
 
+        from hybridiff.host_memory import keep_freed_memory
+
+        keep_freed_memory()  # the same allocator settings as the server's stubs: a like-for-like baseline
         self.pipe = DiffusionPipeline.from_pretrained(checkpoint)
         self.pipe.set_progress_bar_config(disable=True)
         self.guidance, self.steps, self.size = guidance, steps, size

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .families import get_family
+from .host_memory import keep_freed_memory
 from .loop import ImageRequest, InProcessTransport, LoopReport, Transport, denoise_image
 from .schedule import COND, UNCOND
 
@@ -28,6 +29,7 @@ class LocalPipeline:
         threaded: bool = False,
     ) -> None:
         device = torch.device(device)
+        keep_freed_memory()  # as the server's stubs do, so local timings compare like with like
         self.family = get_family(family_name)
         self.text_encoder = self.family.load_text_encoder(folder, device, dtype)
         self.sampler = self.family.load_sampler(folder)

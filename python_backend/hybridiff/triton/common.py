@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..families.base import torch_dtype
+from ..host_memory import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,10 @@ class Placement:
         Affinity is per thread on Linux, and the stub runs ``execute`` on a thread that exists
         before ``initialize``: pinning only the calling thread left the compute free to wander onto
         the other device's core (measured: ~20% slower serial steps in the server than alone).
+        Freed activation memory stays mapped (:mod:`hybridiff.host_memory`): the same page faults
+        cost both kinds of device, and the orchestrator's host tensors too.
         """
+        keep_freed_memory()
         if self.cpu_cores is not None and hasattr(os, "sched_setaffinity"):
             # Core i of the config is the i-th core this process may use (wrapping around), so
             # one repository serves machines with any core count.
