@@ -10,7 +10,6 @@ concurrency sweep and checks every image against the same request run alone.
 from __future__ import annotations
 
 import os
-import random
 import time
 
 # tritonclient.grpc needs grpc's gevent integration before any channel exists under Locust.
@@ -21,28 +20,7 @@ grpc_gevent.init_gevent()
 from locust import User, constant, task  # noqa: E402
 
 from client.generate import generate, make_client  # noqa: E402
-
-PROMPTS = [
-    "a lighthouse on a cliff at sunset, oil painting",
-    "a red fox sitting in fresh snow, photograph",
-    "a futuristic city street at night with neon signs",
-    "a bowl of ripe peaches on a wooden table",
-]
-MODES = ["serial", "cfg_parallel", "hybrid", "auto"]
-
-
-def request_fields(rng: random.Random, mode: str) -> tuple[int, dict]:
-    """A random request of the mix: prompt index and fields (seed fixed per prompt and size).
-
-    ``LOADTEST_SIZES`` (default 256,320) and ``LOADTEST_STEPS`` (default 20) shape the mix.
-    """
-    sizes = [int(s) for s in os.environ.get("LOADTEST_SIZES", "256,320").split(",")]
-    steps = int(os.environ.get("LOADTEST_STEPS", "20"))
-    prompt = rng.randrange(len(PROMPTS))
-    size = rng.choice(sizes)
-    chosen = rng.choice(MODES) if mode == "mix" else mode
-    fields = {"mode": chosen, "seed": 1000 * prompt + size, "steps": steps, "height": size, "width": size}
-    return prompt, fields
+from loadtest.levels import PROMPTS, user_requests  # noqa: E402
 
 
 class ImageUser(User):
@@ -59,12 +37,13 @@ class ImageUser(User):
         # The same request sequence for user i in every level and mode, so modes are compared on
         # identical work.
         self.index = ImageUser.started
-        self.rng = random.Random(f"{self.protocol}-{self.index}")
         ImageUser.started += 1
-        self.mode = os.environ.get("LOADTEST_MODE", "auto")
         self.client = make_client(self.protocol, self.host, **self._client_options())
-        # Set by the sweep runner: a callback that records results and says when to stop.
+        # Set by the sweep runner: records results, says when to stop and where this level starts in
+        # the user's sequence (the second half of a level continues where the first stopped).
         self.sink = getattr(self.environment, "hybridiff_sink", None)
+        first = 0 if self.sink is None else self.sink.first_request
+        self.requests = user_requests(self.protocol, self.index, os.environ.get("LOADTEST_MODE", "auto"), first)
 
     def _client_options(self) -> dict:
         if self.protocol == "http":
@@ -79,7 +58,7 @@ class ImageUser(User):
         if self.sink is not None and not self.sink.may_start(self.index):
             time.sleep(0.05)
             return
-        prompt, fields = request_fields(self.rng, self.mode)
+        prompt, fields = next(self.requests)
         started = time.perf_counter()
         exception, result = None, None
         try:

@@ -3,11 +3,12 @@
     python -m loadtest.run                       # starts a server on the small model
     python -m loadtest.run --url 127.0.0.1:8000  # or uses a running one (local addresses only)
 
-For each user count, and for each mode (and ``auto``) in turn at that count, Locust users send
-requests back to back: each user sends its own fixed sequence of ``--requests-per-user`` requests
-(or fewer if ``--seconds`` pass), so every mode gets exactly the same work; the level ends when the
-last one returns (levels never overlap). Modes are interleaved per user count, so the machine's
-drift over the sweep (a shared VM here) does not favour the mode that happened to run first.
+For each user count, every mode (and ``auto``) runs in turn, then again in reverse order (see
+``loadtest/levels.py``): Locust users send requests back to back, user i continuing its own fixed
+sequence, ``--requests-per-user`` requests per user and mode over the two halves (or fewer if
+``--seconds`` pass), so every mode gets exactly the same work; a half ends when its last request
+returns (halves never overlap). A mode's row pools its two halves, so the machine's drift over the
+sweep (a shared VM here) does not favour the mode that happened to run at a fast moment.
 Triton's own queue time per model comes from its metrics endpoint. Afterwards every distinct
 request is run alone and each image from the sweep must equal it (max abs pixel difference <= 1).
 Writes CSV, Markdown and a PNG.
@@ -20,7 +21,6 @@ import csv
 import json
 import os
 import re
-import statistics
 import time
 import urllib.request
 from pathlib import Path
@@ -30,7 +30,8 @@ import numpy as np
 from locust.env import Environment
 
 from client.generate import generate, make_client
-from loadtest.locustfile import PROMPTS, GrpcImageUser, HttpImageUser, ImageUser
+from loadtest.levels import PROMPTS, Half, HalfResult, pooled_row, queue_delta, sweep_order
+from loadtest.locustfile import GrpcImageUser, HttpImageUser, ImageUser
 from loadtest.sink import Sink
 
 LOCAL_PREFIXES = ("127.", "localhost", "[::1]")
@@ -49,11 +50,12 @@ def queue_metrics(metrics_url: str) -> dict[str, tuple[float, float]]:
     return {m: (queue.get(m, 0.0), success.get(m, 0.0)) for m in set(queue) | set(success)}
 
 
-def run_level(host: str, user_class, users: int, mode: str, quota: int, seconds: float) -> tuple[Sink, float]:
-    os.environ["LOADTEST_MODE"] = mode
+def run_half(host: str, user_class, users: int, half: Half, seconds: float) -> tuple[Sink, float]:
+    """Run one half of a level; returns its results and its start time."""
+    os.environ["LOADTEST_MODE"] = half.mode
     ImageUser.started = 0
     env = Environment(user_classes=[user_class], host=host)
-    sink = Sink(quota=quota, deadline=time.perf_counter() + seconds)
+    sink = Sink(quota=half.quota, deadline=time.perf_counter() + seconds, first_request=half.first_request)
     env.hybridiff_sink = sink
     runner = env.create_local_runner()
     started = time.perf_counter()
@@ -64,36 +66,6 @@ def run_level(host: str, user_class, users: int, mode: str, quota: int, seconds:
         gevent.sleep(0.2)
     runner.quit()
     return sink, started
-
-
-def level_row(mode: str, users: int, sink: Sink, started: float, queue_us: dict[str, float]) -> dict:
-    ok = [r for r in sink.results if r["error"] is None]
-    latencies = sorted(r["latency_s"] for r in ok)
-    span = (max(r["finished"] for r in ok) - started) if ok else float("nan")
-    chosen = {}
-    for r in ok:
-        chosen[r["mode_run"]] = chosen.get(r["mode_run"], 0) + 1
-    return {
-        "mode": mode,
-        "users": users,
-        "requests": len(sink.results),
-        "failures": len(sink.results) - len(ok),
-        "p50_s": statistics.median(latencies) if latencies else float("nan"),
-        "p95_s": float(np.percentile(latencies, 95)) if latencies else float("nan"),
-        "images_per_s": len(ok) / span if ok else 0.0,
-        "modes_run": json.dumps(chosen, sort_keys=True),
-        "queue_ms_per_request": json.dumps({k: round(v / 1000, 2) for k, v in sorted(queue_us.items())}),
-    }
-
-
-def queue_delta(before: dict, after: dict) -> dict[str, float]:
-    """Average queue time per request in the level, for the denoiser and ensemble models."""
-    result = {}
-    for model, (queue, count) in after.items():
-        q0, c0 = before.get(model, (0.0, 0.0))
-        if count > c0 and ("denoiser" in model or "orchestrator" in model):
-            result[model] = (queue - q0) / (count - c0)
-    return result
 
 
 def check_against_solo(url: str, protocol: str, model: str, results: list[dict]) -> tuple[int, int]:
@@ -124,12 +96,13 @@ def write_outputs(rows: list[dict], out: Path, header: str) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [header, "", "| mode | users | requests | failures | p50 | p95 | images/s | modes run | queue ms/request |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| mode | users | requests | failures | p50 | p95 | images/s | images/s by half "
+             "| modes run | queue ms/request |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['users']} | {r['requests']} | {r['failures']} | {r['p50_s']:.2f} s "
-            f"| {r['p95_s']:.2f} s | {r['images_per_s']:.3f} | {r['modes_run']} | {r['queue_ms_per_request']} |"
+            f"| {r['p95_s']:.2f} s | {r['images_per_s']:.3f} | {r['images_per_s_halves']} | {r['modes_run']} "
+            f"| {r['queue_ms_per_request']} |"
         )
     (out / "loadtest.md").write_text("\n".join(lines) + "\n")
 
@@ -164,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--modes", default="serial,cfg_parallel,hybrid,auto")
     parser.add_argument("--users", default="1,2,4,8")
-    parser.add_argument("--requests-per-user", type=int, default=6, help="per user and level")
-    parser.add_argument("--seconds", type=float, default=300.0, help="per level, at most")
+    parser.add_argument("--requests-per-user", type=int, default=8, help="per user and level (both halves)")
+    parser.add_argument("--seconds", type=float, default=300.0, help="per half level, at most")
     parser.add_argument("--out", type=Path, default=Path("out/loadtest"))
     args = parser.parse_args(argv)
 
@@ -189,12 +162,19 @@ def main(argv: list[str] | None = None) -> None:
         generate(warm, args.protocol, "sdxl", ["warm-up"], steps=2, height=256, width=256, mode="hybrid")
         warm.close()
         for users in [int(u) for u in args.users.split(",")]:
-            for mode in modes:
+            halves: dict[str, list[HalfResult]] = {mode: [] for mode in modes}
+            for half in sweep_order(modes, args.requests_per_user):
                 before = queue_metrics(metrics_url)
-                sink, started = run_level(url, user_class, users, mode, args.requests_per_user, args.seconds)
-                row = level_row(mode, users, sink, started, queue_delta(before, queue_metrics(metrics_url)))
-                rows.append(row)
+                sink, started = run_half(url, user_class, users, half, args.seconds)
+                ended = max((r["finished"] for r in sink.results), default=started)
+                done = HalfResult(sink.results, ended - started, queue_delta(before, queue_metrics(metrics_url)))
+                halves[half.mode].append(done)
                 results.extend(sink.results)
+                print(f"users={users} mode={half.mode} half={half.index} requests={len(sink.results)} "
+                      f"seconds={done.span_s:.1f}", flush=True)
+            for mode in modes:
+                row = pooled_row(mode, users, halves[mode])
+                rows.append(row)
                 print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         rows.sort(key=lambda r: (modes.index(r["mode"]), r["users"]))
         worst, checked = check_against_solo(url, args.protocol, "sdxl", results)

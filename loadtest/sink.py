@@ -16,6 +16,7 @@ class Sink:
 
     quota: int
     deadline: float
+    first_request: int = 0  # where in each user's request sequence this level starts
     started_by_user: dict[int, int] = field(default_factory=dict)
     results: list[dict] = field(default_factory=list)
 

@@ -264,11 +264,13 @@ def test_locust_sweep_runs_clean_against_the_server(server, tmp_path):
     assert "Failed requests: 0" in table and "max abs pixel difference" in table
     assert (tmp_path / "loadtest.png").stat().st_size > 0
     import csv
+    import json
 
     rows = list(csv.DictReader((tmp_path / "loadtest.csv").read_text().splitlines()))
     assert [(r["mode"], r["users"]) for r in rows] == [("auto", "1"), ("auto", "2"), ("serial", "1"), ("serial", "2")]
-    # The same work in every level: each user sent its quota of 2.
+    # The same work in every level: each user sent its quota of 2, one in each half (ABBA order).
     assert [int(r["requests"]) for r in rows] == [2, 4, 2, 4]
+    assert all(len(json.loads(r["images_per_s_halves"])) == 2 for r in rows)
 
 
 def test_every_thread_of_a_denoiser_is_pinned_to_its_core(server):
