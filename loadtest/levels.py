@@ -2,9 +2,10 @@
 
 Each (users, mode) level runs in two halves: every mode once in order, then every mode again in
 reverse order (an ABBA design). On a VM whose speed drifts over minutes, a mode measured only at
-one moment can win or lose by the moment's speed; with the reverse pass, a linear drift adds the
-same to every mode's pooled time. User i's second half continues its own request sequence, so a
-mode's two halves together are exactly the ``requests_per_user`` requests of one long level.
+one moment can win or lose by the moment's speed; with the reverse pass, a linear drift costs
+every mode about the same (exactly the same when both halves carry equal work). User i's second
+half continues its own request sequence, so a mode's two halves together are exactly the
+``requests_per_user`` requests of one long level.
 """
 
 from __future__ import annotations
