@@ -111,21 +111,39 @@ class OneDevice:
             cond.update({k: v.expand(batch, -1) for k, v in extra.items()})
             self.conditioning[batch] = cond
 
-    def measure(self, repeats: int, neighbour: Neighbour | None = None) -> ComponentTimes:
+    @contextlib.contextmanager
+    def pinned(self):
+        """This process on the device's core with one torch thread, as a denoiser stub runs."""
         import torch
 
         previous = os.sched_getaffinity(0), torch.get_num_threads()
         os.sched_setaffinity(0, {self.core})
         torch.set_num_threads(1)
         try:
+            yield
+        finally:
+            os.sched_setaffinity(0, previous[0])
+            torch.set_num_threads(previous[1])
+
+    def measure(self, repeats: int, neighbour: Neighbour | None = None) -> ComponentTimes:
+        with self.pinned():
             times = self._measure(repeats)
             if neighbour is not None:
                 with neighbour.busy():
                     times.full1_beside_busy_core = _median_time(lambda: self.forward(1), repeats)
             return times
-        finally:
-            os.sched_setaffinity(0, previous[0])
-            torch.set_num_threads(previous[1])
+
+    def ceiling(self, neighbour: Neighbour, rounds: int, repeats: int) -> list[tuple[float, float]]:
+        """Per round, (serial step, cfg_parallel step) with no server at all: a batch-2 forward on this
+        core alone, and batch-1 forwards on this core and the neighbour's started together, waiting
+        for both. Their ratio is the most ``cfg_parallel`` can gain on this machine."""
+        pairs = []
+        with self.pinned():
+            for _ in range(rounds):
+                serial = _median_time(lambda: self.forward(2), repeats)
+                lockstep = _median_time(lambda: neighbour.alongside(lambda: self.forward(1)), repeats)
+                pairs.append((serial, lockstep))
+        return pairs
 
     def forward(self, batch: int) -> None:
         """One whole-denoiser forward at ``batch`` (1: a CFG branch; 2: both, as ``serial`` runs)."""
@@ -150,7 +168,8 @@ class OneDevice:
 
 
 def _neighbour_loop(family: str, checkpoint: str, size: int, core: int, commands, replies, stop) -> None:
-    """Child process: batch-1 forwards on ``core`` from each "run" command until ``stop`` is set."""
+    """Child process on ``core``: batch-1 forwards from each "run" command until ``stop`` is set, or
+    one forward per "step" command."""
     import torch
 
     os.sched_setaffinity(0, {core})
@@ -158,7 +177,11 @@ def _neighbour_loop(family: str, checkpoint: str, size: int, core: int, commands
     device = OneDevice(family, Path(checkpoint), size)
     device.forward(1)
     replies.put("ready")
-    while commands.get() == "run":
+    while (command := commands.get()) in ("run", "step"):
+        if command == "step":  # one forward, in lockstep with the caller's
+            device.forward(1)
+            replies.put("done")
+            continue
         replies.put("running")
         while not stop.is_set():
             device.forward(1)
@@ -198,6 +221,13 @@ class Neighbour:
         finally:
             self.stop.set()
             self.replies.get(timeout=600)
+
+    def alongside(self, forward) -> None:
+        """One batch-1 forward here while ``forward`` runs in the caller; returns when both are done."""
+        self.commands.put("step")
+        forward()
+        if self.replies.get(timeout=600) != "done":
+            raise RuntimeError("the neighbour process did not finish its step")
 
     def close(self) -> None:
         self.commands.put("quit")
@@ -241,6 +271,12 @@ class DiffusersAllCores:
             return time.perf_counter() - started
         finally:
             torch.set_num_threads(previous)
+
+
+def ceiling_summary(pairs: list[tuple[float, float]]) -> dict:
+    """The ``cfg_parallel`` ceiling from (serial step, lockstep step) pairs: per round and the median."""
+    ratios = [serial / lockstep for serial, lockstep in pairs]
+    return {"per_round": ratios, "median": statistics.median(ratios)}
 
 
 def _stats(values: list[float]) -> dict:
@@ -412,6 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     parser.add_argument("--contention-only", action="store_true", help="only run the contention probe")
+    parser.add_argument("--ceiling-only", action="store_true",
+                        help="only measure the machine's cfg_parallel ceiling, without a server")
+    parser.add_argument("--ceiling-rounds", type=int, default=6)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     from hybridiff.families import get_family
@@ -424,6 +463,19 @@ def main(argv: list[str] | None = None) -> None:
             neighbour.close()
             print(f"{family}: batch-1 forward {times.full[1]:.3f} s alone, {times.full1_beside_busy_core:.3f} s "
                   f"beside a busy core ({times.contention:.2f}x)")
+        return
+
+    if args.ceiling_only:
+        for family in args.families.split(","):
+            checkpoint = args.checkpoints / f"{family}-{args.checkpoint_size}"
+            neighbour = Neighbour(family, checkpoint, args.size)
+            pairs = OneDevice(family, checkpoint, args.size).ceiling(neighbour, args.ceiling_rounds, repeats=5)
+            neighbour.close()
+            summary = ceiling_summary(pairs)
+            rounds = ", ".join(f"{serial:.3f}/{lockstep:.3f}" for serial, lockstep in pairs)
+            print(f"{family}: serial step / cfg_parallel lockstep step per round (s): {rounds}")
+            print(f"{family}: cfg_parallel ceiling without a server: {summary['median']:.2f}x median "
+                  f"(per round {', '.join(f'{r:.2f}' for r in summary['per_round'])})")
         return
 
     families = args.families.split(",")

@@ -1,8 +1,8 @@
-"""The benchmark's ideal-latency model (the denominator of parallel efficiency)."""
+"""The benchmark's ideal-latency model (the denominator of parallel efficiency) and its machine probes."""
 
 import pytest
 
-from client.bench import ComponentTimes
+from client.bench import ComponentTimes, Neighbour, OneDevice, ceiling_summary
 
 TIMES = ComponentTimes(text_encoder=0.1, vae=0.2, full={1: 1.0, 2: 2.0}, stages={1: (0.4, 0.6), 2: (0.9, 1.1)})
 
@@ -63,3 +63,25 @@ def test_speedups_and_efficiency_are_paired_within_a_round():
 
 def test_contention_defaults_to_none_measured():
     assert TIMES.contention == 1.0
+
+
+def test_ceiling_is_the_serial_step_over_the_lockstep_step_per_round():
+    summary = ceiling_summary([(2.0, 1.0), (1.8, 1.2), (2.1, 1.0)])
+    assert summary["per_round"] == pytest.approx([2.0, 1.5, 2.1])
+    assert summary["median"] == pytest.approx(2.0)
+
+
+def test_lockstep_probe_runs_a_forward_on_each_core_and_waits_for_both(sdxl_tiny):
+    """The probe's protocol with a real second process (tiny model): one pair per round, both steps
+    timed, and the neighbour still serves the contention probe afterwards."""
+    neighbour = Neighbour("sdxl", sdxl_tiny, 64)
+    try:
+        device = OneDevice("sdxl", sdxl_tiny, 64)
+        pairs = device.ceiling(neighbour, rounds=2, repeats=1)
+        assert len(pairs) == 2 and all(serial > 0 and lockstep > 0 for serial, lockstep in pairs)
+        times = device.measure(repeats=1, neighbour=neighbour)
+        assert times.full1_beside_busy_core is not None
+    finally:
+        neighbour.close()
+    neighbour.process.join(timeout=60)
+    assert neighbour.process.exitcode == 0
