@@ -97,3 +97,20 @@ def test_the_server_board_lives_in_memory_where_there_is_shared_memory():
 def test_placement_without_guidance_occupies_one_device():
     assert place_request(Mode.CFG_PARALLEL, [0, 0], guidance=False).devices == (0,)
     assert place_request(Mode.PIPELINE, [0, 0], guidance=False).devices == (0, 1)
+
+
+def test_boards_of_servers_that_stopped_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from hybridiff.load import remove_dead_boards
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = tmp_path / f"hybridiff-load-{int(finished.stdout)}.json"
+    live = tmp_path / f"hybridiff-load-{os.getpid()}.json"
+    other = [tmp_path / "hybridiff-load-notapid.json", tmp_path / "unrelated-123.json"]
+    for path in (dead, live, *other):
+        path.write_text("{}")
+    assert remove_dead_boards(tmp_path) == [dead]
+    assert not dead.exists() and live.exists() and all(p.exists() for p in other)

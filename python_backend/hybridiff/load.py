@@ -26,7 +26,25 @@ def default_board_path() -> Path:
     """
     shm = Path("/dev/shm")
     folder = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return folder / f"hybridiff-load-{os.getppid()}.json"
+    return folder / f"{BOARD_PREFIX}{os.getppid()}.json"
+
+
+BOARD_PREFIX = "hybridiff-load-"
+
+
+def remove_dead_boards(folder: Path) -> list[Path]:
+    """Delete the boards of servers that are no longer running (their pid is in the name).
+
+    Each server start leaves one small file in RAM otherwise. A live server's board is never touched:
+    its pid is alive (a reused pid only keeps a dead board longer).
+    """
+    removed = []
+    for path in folder.glob(f"{BOARD_PREFIX}*.json"):
+        pid = path.stem[len(BOARD_PREFIX):]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _alive(pid: int) -> bool:

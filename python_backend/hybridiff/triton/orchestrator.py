@@ -17,7 +17,7 @@ import torch
 
 from ..families import get_family
 from ..families.base import DenoiseOutput, Family
-from ..load import LoadBoard, default_board_path
+from ..load import LoadBoard, default_board_path, remove_dead_boards
 from ..loop import DenoiseTask, ImageRequest, denoise_image
 from ..params import PARAMETERS, InvalidParameter, Limits, parse_image_requests
 from ..schedule import COND, UNCOND, Mode, may_yield, place_request, yield_device
@@ -111,7 +111,9 @@ class TritonPythonModel:
             context.placement.dtype,
             gpu_memory=params.get("bls_memory", "cpu") == "gpu",
         )
-        self.board = LoadBoard(default_board_path(), self.transport.num_devices)
+        board_path = default_board_path()
+        remove_dead_boards(board_path.parent)
+        self.board = LoadBoard(board_path, self.transport.num_devices)
         self.metrics = OrchestratorMetrics(self.family.name)
 
     async def _denoise_placed(self, image_request: ImageRequest, branch_cond) -> tuple[torch.Tensor, dict]:
