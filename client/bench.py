@@ -234,6 +234,16 @@ class Neighbour:
         self.process.join(timeout=60)
 
 
+@contextlib.contextmanager
+def _device_and_neighbour(family: str, checkpoint: Path, size: int):
+    """The two machine probes' set-up: this process as device 0, a neighbour process as device 1."""
+    neighbour = Neighbour(family, checkpoint, size)
+    try:
+        yield OneDevice(family, checkpoint, size), neighbour
+    finally:
+        neighbour.close()
+
+
 class DiffusersAllCores:
     """diffusers' own pipeline (the class the folder names) with every core: what a user would run instead."""
 
@@ -455,32 +465,25 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     from hybridiff.families import get_family
 
-    if args.contention_only:
-        for family in args.families.split(","):
-            checkpoint = args.checkpoints / f"{family}-{args.checkpoint_size}"
-            neighbour = Neighbour(family, checkpoint, args.size)
-            times = OneDevice(family, checkpoint, args.size).measure(repeats=6, neighbour=neighbour)
-            neighbour.close()
-            print(f"{family}: batch-1 forward {times.full[1]:.3f} s alone, {times.full1_beside_busy_core:.3f} s "
-                  f"beside a busy core ({times.contention:.2f}x)")
-        return
-
-    if args.ceiling_only:
-        for family in args.families.split(","):
-            checkpoint = args.checkpoints / f"{family}-{args.checkpoint_size}"
-            neighbour = Neighbour(family, checkpoint, args.size)
-            pairs = OneDevice(family, checkpoint, args.size).ceiling(neighbour, args.ceiling_rounds, repeats=5)
-            neighbour.close()
-            summary = ceiling_summary(pairs)
-            rounds = ", ".join(f"{serial:.3f}/{lockstep:.3f}" for serial, lockstep in pairs)
-            print(f"{family}: serial step / cfg_parallel lockstep step per round (s): {rounds}")
-            print(f"{family}: cfg_parallel ceiling without a server: {summary['median']:.2f}x median "
-                  f"(per round {', '.join(f'{r:.2f}' for r in summary['per_round'])})")
-        return
-
     families = args.families.split(",")
-    guidance = {f: get_family(f).defaults.guidance_scale for f in families}
     checkpoints = {f: args.checkpoints / f"{f}-{args.checkpoint_size}" for f in families}
+    if args.contention_only or args.ceiling_only:
+        for family in families:
+            with _device_and_neighbour(family, checkpoints[family], args.size) as (device, neighbour):
+                if args.contention_only:
+                    times = device.measure(repeats=6, neighbour=neighbour)
+                    print(f"{family}: batch-1 forward {times.full[1]:.3f} s alone, "
+                          f"{times.full1_beside_busy_core:.3f} s beside a busy core ({times.contention:.2f}x)")
+                if args.ceiling_only:
+                    pairs = device.ceiling(neighbour, args.ceiling_rounds, repeats=5)
+                    summary = ceiling_summary(pairs)
+                    rounds = ", ".join(f"{serial:.3f}/{lockstep:.3f}" for serial, lockstep in pairs)
+                    print(f"{family}: serial step / cfg_parallel lockstep step per round (s): {rounds}")
+                    print(f"{family}: cfg_parallel ceiling without a server: {summary['median']:.2f}x median "
+                          f"(per round {', '.join(f'{r:.2f}' for r in summary['per_round'])})")
+        return
+
+    guidance = {f: get_family(f).defaults.guidance_scale for f in families}
     one_device = {f: OneDevice(f, checkpoints[f], args.size) for f in families}
     neighbours = {f: Neighbour(f, checkpoints[f], args.size) for f in families}
     alternative = {f: DiffusersAllCores(checkpoints[f], guidance[f], args.steps, args.size) for f in families}

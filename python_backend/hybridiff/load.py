@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+BOARD_PREFIX = "hybridiff-load-"  # then the server's pid
+
 
 def default_board_path() -> Path:
     """One board per running server (the stub's parent process is the tritonserver), in memory.
@@ -27,9 +29,6 @@ def default_board_path() -> Path:
     shm = Path("/dev/shm")
     folder = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
     return folder / f"{BOARD_PREFIX}{os.getppid()}.json"
-
-
-BOARD_PREFIX = "hybridiff-load-"
 
 
 def remove_dead_boards(folder: Path) -> list[Path]:
