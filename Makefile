@@ -16,7 +16,8 @@ FAMILY ?= sdxl
 PROMPT ?= a lighthouse on a cliff at sunset, oil painting
 OUT ?= out/image.png
 export HF_HUB_OFFLINE := 1
-export PYTHONPATH := $(CURDIR)
+# python_backend first: a checkout (or git worktree) always runs its own hybridiff, whatever the venv has.
+export PYTHONPATH := $(CURDIR)/python_backend:$(CURDIR)
 
 .PHONY: setup serve test test-fast generate repository checkpoints lint clean bench loadtest
 
