@@ -103,7 +103,8 @@ def family_models(family: Family, checkpoint: str, deployment: Deployment) -> di
     """Model name -> (config.pbtxt, the hybridiff.triton module its model.py imports)."""
     name = family.name
     limits = deployment.limits
-    common = {"family": name, "checkpoint": checkpoint, "dtype": deployment.dtype}
+    # Every model holds its inputs to the public limits (hybridiff.validation), so every model gets them.
+    common = {"family": name, "checkpoint": checkpoint, "dtype": deployment.dtype, **limits.as_parameters()}
     denoisers = [f"{name}_denoiser_{i}" for i in range(deployment.devices)]
     models: dict[str, tuple[str, str | None]] = {}
     prompts = [_tensor("PROMPT", "TYPE_STRING", [-1]), _tensor("NEGATIVE_PROMPT", "TYPE_STRING", [-1], True)]
@@ -113,7 +114,7 @@ def family_models(family: Family, checkpoint: str, deployment: Deployment) -> di
             f"{name}_text_encoder",
             prompts,
             _branch_outputs(family, deployment),
-            _instances(deployment, 0) + _parameters({**common, "max_batch": str(limits.max_batch)}),
+            _instances(deployment, 0) + _parameters(common),
         ),
         "text_encoder",
     )
@@ -131,7 +132,12 @@ def family_models(family: Family, checkpoint: str, deployment: Deployment) -> di
         outputs = [_tensor("EPS", deployment.wire_type, [-1] * (family.latent_rank - 1))]
         outputs += [_spec(s, deployment, batched=True) for s in family.activations]
         outputs += [_tensor("COMPUTE_SECONDS", "TYPE_FP64", [1]), _tensor("BATCHED_REQUESTS", "TYPE_INT32", [1])]
-        params = {**common, "cpu_cores": str(i), "torch_threads": "1"}
+        params = {
+            **common,
+            "cpu_cores": str(i),
+            "torch_threads": "1",
+            "max_device_batch": str(deployment.max_device_batch),
+        }
         batching = f"dynamic_batching {{ max_queue_delay_microseconds: {deployment.batch_delay_us} }}\n"
         models[model_name] = (
             _config(
@@ -155,10 +161,6 @@ def family_models(family: Family, checkpoint: str, deployment: Deployment) -> di
     orchestrator_params = {
         **common,
         "denoisers": ",".join(denoisers),
-        "max_height": str(limits.max_height),
-        "max_width": str(limits.max_width),
-        "max_steps": str(limits.max_steps),
-        "max_batch": str(limits.max_batch),
         "bls_memory": "gpu" if deployment.kind == "gpu" else "cpu",
     }
     models[f"{name}_orchestrator"] = (

@@ -38,6 +38,19 @@ class Limits:
     max_batch: int = 8
     size_multiple: int = 8  # the VAE's scale factor
 
+    def as_parameters(self) -> dict[str, str]:
+        """The deployment's bounds as model config parameters (``size_multiple`` is the model's own)."""
+        return {name: str(getattr(self, name)) for name in DEPLOYMENT_LIMITS}
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> Limits:
+        """The bounds a model's config parameters carry; a parameter left out keeps its default."""
+        return cls(**{name: int(params[name]) for name in DEPLOYMENT_LIMITS if name in params})
+
+
+# The Limits fields a deployment sets; every internal model receives them in its config parameters.
+DEPLOYMENT_LIMITS = ("max_height", "max_width", "min_size", "max_steps", "max_batch")
+
 
 # Wire name -> (kind, description). Every one but PROMPT is optional.
 PARAMETERS: dict[str, tuple[str, str]] = {

@@ -14,13 +14,19 @@ from ..batching import run_tasks
 from ..families import get_family
 from ..families.base import DenoiseOutput
 from ..loop import DenoiseTask
+from ..validation import check_denoiser_inputs, model_limits
 from .common import error_response, input_tensor, model_context, response
+
+SCALARS = ("TIMESTEP", "STAGE", "CAPTURE_STAGE")
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         context = model_context(args)
         self.family = get_family(context.params["family"])
+        self.shapes = self.family.model_shapes(context.checkpoint)
+        self.limits = model_limits(context.params, self.shapes)
+        self.max_device_batch = int(context.params["max_device_batch"])
         self.denoiser = self.family.load_denoiser(
             context.checkpoint, context.placement.device, context.placement.dtype
         )
@@ -46,20 +52,28 @@ class TritonPythonModel:
         return responses
 
     def _task(self, request) -> DenoiseTask:
-        stage = int(input_tensor(request, "STAGE").reshape(-1)[0])
-        capture_stage = int(input_tensor(request, "CAPTURE_STAGE").reshape(-1)[0])
-        stale = {}
-        for spec in self.family.activations:
-            value = input_tensor(request, spec.name)
-            if value is not None:
-                stale[spec.name] = value
+        """The request's task, after its inputs passed the same limits as a public request's (else
+        InvalidParameter naming the input)."""
+        names = ["SAMPLE", *SCALARS, *(s.name for s in self.family.conditioning)]
+        names += [s.name for s in self.family.activations]
+        tensors = {name: input_tensor(request, name) for name in names}
+        values = {name: [] if tensors[name] is None else tensors[name].reshape(-1).tolist() for name in SCALARS}
+        call = check_denoiser_inputs(
+            {name: None if t is None else tuple(t.shape) for name, t in tensors.items()},
+            values["TIMESTEP"],
+            values["STAGE"],
+            values["CAPTURE_STAGE"],
+            self.shapes,
+            self.limits,
+            self.max_device_batch,
+        )
         return DenoiseTask(
-            sample=input_tensor(request, "SAMPLE"),
-            timestep=input_tensor(request, "TIMESTEP").reshape(-1)[:1],
-            cond={spec.name: input_tensor(request, spec.name) for spec in self.family.conditioning},
-            stage=None if stage < 0 else stage,
-            stale=stale,
-            capture_stage=None if capture_stage < 0 else capture_stage,
+            sample=tensors["SAMPLE"],
+            timestep=tensors["TIMESTEP"].reshape(-1)[:1],
+            cond={spec.name: tensors[spec.name] for spec in self.family.conditioning},
+            stage=call.stage,
+            stale={spec.name: tensors[spec.name] for spec in self.family.activations if tensors[spec.name] is not None},
+            capture_stage=call.capture_stage,
             want_eps=True,
         )
 
