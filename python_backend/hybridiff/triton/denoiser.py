@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import wire
 from ..batching import run_tasks
 from ..families import get_family
 from ..families.base import DenoiseOutput
@@ -46,20 +47,20 @@ class TritonPythonModel:
         return responses
 
     def _task(self, request) -> DenoiseTask:
-        stage = int(input_tensor(request, "STAGE").reshape(-1)[0])
-        capture_stage = int(input_tensor(request, "CAPTURE_STAGE").reshape(-1)[0])
+        stage = int(input_tensor(request, wire.STAGE.name).reshape(-1)[0])
+        capture_stage = int(input_tensor(request, wire.CAPTURE_STAGE.name).reshape(-1)[0])
         stale = {}
         for spec in self.family.activations:
             value = input_tensor(request, spec.name)
             if value is not None:
                 stale[spec.name] = value
         return DenoiseTask(
-            sample=input_tensor(request, "SAMPLE"),
-            timestep=input_tensor(request, "TIMESTEP").reshape(-1)[:1],
+            sample=input_tensor(request, wire.SAMPLE.name),
+            timestep=input_tensor(request, wire.TIMESTEP.name).reshape(-1)[:1],
             cond={spec.name: input_tensor(request, spec.name) for spec in self.family.conditioning},
-            stage=None if stage < 0 else stage,
+            stage=None if stage == wire.NO_STAGE else stage,
             stale=stale,
-            capture_stage=None if capture_stage < 0 else capture_stage,
+            capture_stage=None if capture_stage == wire.NO_STAGE else capture_stage,
             want_eps=True,
         )
 
@@ -68,7 +69,7 @@ class TritonPythonModel:
         batch = task.sample.shape[0]
         tensors = dict(output.activations)
         if output.eps is not None:
-            tensors["EPS"] = output.eps
-        tensors["COMPUTE_SECONDS"] = torch.full((batch, 1), output.compute_seconds, dtype=torch.float64)
-        tensors["BATCHED_REQUESTS"] = torch.full((batch, 1), output.batched_requests, dtype=torch.int32)
+            tensors[wire.EPS.name] = output.eps
+        tensors[wire.COMPUTE_SECONDS.name] = torch.full((batch, 1), output.compute_seconds, dtype=torch.float64)
+        tensors[wire.BATCHED_REQUESTS.name] = torch.full((batch, 1), output.batched_requests, dtype=torch.int32)
         return response(tensors)
