@@ -85,6 +85,7 @@ class RequestInput:
     choices: tuple[str, ...] = ()
     per_prompt: bool = False  # one value per prompt ([n]) rather than a scalar ([1])
     note: str = ""  # extra words for the README's "Allowed" column
+    shown_default: str = ""  # the README's "Default" cell where the value alone says too little
 
     @property
     def field(self) -> str:
@@ -115,10 +116,13 @@ class RequestInput:
 
 
 REQUEST_INPUTS: tuple[RequestInput, ...] = (
-    RequestInput("PROMPT", BYTES, "text prompt(s), one image each", low=1, high="max_batch", per_prompt=True),
-    RequestInput("NEGATIVE_PROMPT", BYTES, "negative prompt(s); absent: zero embeddings, as diffusers does",
-                 per_prompt=True, note="1 or one per prompt"),
-    RequestInput("SEED", INT64, "seed of the first image; image i uses seed + i", default=0, low=0, high=MAX_SEED),
+    RequestInput("PROMPT", BYTES, "text prompt(s), one image each", low=1, high="max_batch", per_prompt=True,
+                 note="SD3: at most 256 T5 tokens each", shown_default="required"),
+    RequestInput("NEGATIVE_PROMPT", BYTES, "negative prompt(s)", per_prompt=True,
+                 note="1, or one per prompt; SD3: at most 256 T5 tokens each",
+                 shown_default="absent: zero embeddings, as diffusers does"),
+    RequestInput("SEED", INT64, "seed of the first image; image i uses seed + i", default=0, low=0, high=MAX_SEED,
+                 note="minus the number of prompts"),
     RequestInput("STEPS", INT64, "denoising steps", default="steps", low=1, high="max_steps"),
     RequestInput("GUIDANCE_SCALE", FP64, "classifier-free guidance scale; <= 1 turns guidance off",
                  default="guidance_scale", low=0.0, high=100.0),
@@ -126,7 +130,7 @@ REQUEST_INPUTS: tuple[RequestInput, ...] = (
                  multiple_of="size_multiple"),
     RequestInput("WIDTH", INT64, "image width in pixels", default="width", low="min_size", high="max_width",
                  multiple_of="size_multiple"),
-    RequestInput("MODE", BYTES, "parallel mode; `auto` chooses by the load on the devices",
+    RequestInput("MODE", BYTES, "how to spread each image over the devices; `auto` chooses by the load",
                  default=Mode.AUTO.value, choices=tuple(m.value for m in Mode)),
     RequestInput("SLOPE_WINDOW", INT64, "L: rel-MAE values the slope is taken over", default="knobs.window",
                  low=1, high=1000),
@@ -246,8 +250,8 @@ def _bound(bound: Bound | None, limits: Limits) -> str:
 
 
 def _default_cell(spec: RequestInput) -> str:
-    if spec.default is None:
-        return "-"
+    if spec.shown_default:
+        return spec.shown_default
     values = {f.name.upper(): spec.default_for(f.defaults) for f in FAMILIES.values()}
     if len(set(values.values())) == 1:
         value = next(iter(values.values()))
@@ -264,7 +268,7 @@ def _allowed_cell(spec: RequestInput, limits: Limits) -> str:
         high = _bound(spec.high, limits) if spec.high is not None else "inf"
         parts.append(f"{low} to {high}")
     if spec.multiple_of:
-        parts.append(f"multiple of `{spec.multiple_of}` ({getattr(limits, spec.multiple_of)}; SD3: 16)")
+        parts.append(f"multiple of {getattr(limits, spec.multiple_of)} (SD3: 16)")
     if spec.note:
         parts.append(spec.note)
     return "; ".join(parts) if parts else "-"
@@ -273,7 +277,7 @@ def _allowed_cell(spec: RequestInput, limits: Limits) -> str:
 def _rows() -> Iterator[str]:
     limits = Limits()
     for spec in REQUEST_INPUTS:
-        shape = "[n]" if spec.per_prompt else "[1]"
+        shape = "[1]" if not spec.per_prompt else ("[n]" if spec.name == "PROMPT" else "[1 or n]")
         yield (
             f"| `{spec.name}` | {spec.dtype} {shape} | {_default_cell(spec)} | {_allowed_cell(spec, limits)} "
             f"| {spec.description} |"
