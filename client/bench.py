@@ -489,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     alternative = {f: DiffusersAllCores(checkpoints[f], guidance[f], args.steps, args.size) for f in families}
     server = None
     if args.url is None:
-        from hybridiff.tritonserver import TritonServer
+        from tools.triton_process import TritonServer
 
         server = TritonServer(args.repository, ready_timeout=900).__enter__()
         url = server.http_url
