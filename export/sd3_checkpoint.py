@@ -1,10 +1,10 @@
-"""The SD3 pieces of ``export.build_checkpoint``: a random-weight Stable Diffusion 3 (medium) architecture.
+"""A random-weight Stable Diffusion 3 (medium) architecture checkpoint, built with seeded weights.
 
 Same components, classes and subfolders as ``stabilityai/stable-diffusion-3-medium-diffusers``: an MMDiT
 ``SD3Transformer2DModel``, two projected CLIP text encoders (``tokenizer``/``tokenizer_2`` in CLIP's BPE format), a
 T5 encoder with a SentencePiece-unigram ``tokenizer_3`` (trained here on the built-in word list, never downloaded),
 a 16-channel ``AutoencoderKL`` with SD3's latent scale and shift, and ``FlowMatchEulerDiscreteScheduler``.
-Build through :func:`export.build_checkpoint.build_sd3_checkpoint`.
+The command line is ``python -m export.build_checkpoint --family sd3``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from export.build_checkpoint import (
-    _BPE_TRAINING_TEXT,
+from export.checkpoint_common import (
+    PROMPT_WORDS,
     TOKENIZER_PAD_TOKENS,
+    build_folder,
     make_text_encoder,
     restore_files,
     write_clip_tokenizers,
@@ -115,7 +116,7 @@ SD3_SIZES: dict[str, Sd3Size] = {
 def _t5_training_sentences() -> list[str]:
     """Prompt-like lines over the built-in words, cased as prompts are (T5 is case-sensitive), with punctuation
     and digits so that ordinary prompts need no unknown token."""
-    words = _BPE_TRAINING_TEXT.split()
+    words = PROMPT_WORDS.split()
     lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
     lines += [" ".join(w.capitalize() for w in words[i : i + 12]) for i in range(0, len(words), 12)]
     lines.append(" ".join(w.upper() for w in words[:200]))
@@ -352,3 +353,22 @@ def write_sd3_checkpoint(folder: Path, spec: Sd3Size, seed: int) -> None:
     index = json.loads(index_path.read_text())
     index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def build_sd3_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0, force: bool = False) -> Path:
+    """Build (or keep, if already complete) an SD3-architecture checkpoint folder with seeded random weights.
+
+    Laid out like ``stabilityai/stable-diffusion-3-medium-diffusers``. See :func:`export.checkpoint_common.build_folder`
+    for how the folder appears. Returns ``out_dir`` as a Path.
+    """
+    if size not in SD3_SIZES:
+        raise ValueError(f"unknown size {size!r}, expected one of {sorted(SD3_SIZES)}")
+    spec = SD3_SIZES[size]
+    out_dir = Path(out_dir)
+    return build_folder(
+        out_dir,
+        lambda folder: write_sd3_checkpoint(folder, spec, seed),
+        lambda: sd3_mismatch(out_dir, spec),
+        f"sd3-{size} checkpoint (seed={seed})",
+        force,
+    )
