@@ -11,12 +11,16 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
 
 if TYPE_CHECKING:  # imported lazily at run time: the "already built" path should not pay for loading transformers
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+Spec = TypeVar("Spec")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -168,6 +172,20 @@ def make_text_encoder(
     return model_cls(config)
 
 
+def make_clip_pair(
+    vocab: dict[str, int], hidden: tuple[int, int], layers: tuple[int, int], heads: int, seed: int, project_first: bool
+) -> tuple[CLIPTextModel | CLIPTextModelWithProjection, CLIPTextModelWithProjection]:
+    """OpenAI CLIP ViT-L (quick_gelu) and OpenCLIP bigG (gelu, projected pooled output) stand-ins, seeded ``seed``
+    and ``seed + 1``, as both families use them; SDXL's first tower has no projection, SD3's has."""
+    torch.manual_seed(seed)
+    first = make_text_encoder(
+        hidden[0], layers[0], heads, "quick_gelu", vocab, TOKENIZER_PAD_TOKENS["tokenizer"], project_first
+    )
+    torch.manual_seed(seed + 1)
+    second = make_text_encoder(hidden[1], layers[1], heads, "gelu", vocab, TOKENIZER_PAD_TOKENS["tokenizer_2"], True)
+    return first, second
+
+
 def write_clip_tokenizers(
     folder: Path, num_merges: int, pad_tokens: dict[str, str]
 ) -> tuple[dict[str, int], dict[str, CLIPTokenizer], dict[str, dict[str, bytes]]]:
@@ -202,6 +220,13 @@ def restore_files(folder: Path, files: dict[str, dict[str, bytes]]) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # Folder assembly.
+
+
+def size_spec(sizes: Mapping[str, Spec], size: str) -> Spec:
+    """The dimensions named ``size``, or a ValueError that lists the known names."""
+    if size not in sizes:
+        raise ValueError(f"unknown size {size!r}, expected one of {sorted(sizes)}")
+    return sizes[size]
 
 
 def _is_complete(folder: Path) -> bool:

@@ -21,8 +21,9 @@ from export.checkpoint_common import (
     PROMPT_WORDS,
     TOKENIZER_PAD_TOKENS,
     build_folder,
-    make_text_encoder,
+    make_clip_pair,
     restore_files,
+    size_spec,
     write_clip_tokenizers,
 )
 
@@ -317,14 +318,9 @@ def write_sd3_checkpoint(folder: Path, spec: Sd3Size, seed: int) -> None:
     tokenizer_3 = make_t5_tokenizer(folder / "tokenizer_3", spec.t5_vocab)
     t5_files = {"tokenizer_3": {p.name: p.read_bytes() for p in (folder / "tokenizer_3").iterdir()}}
 
-    # Two projected CLIP towers: OpenAI CLIP-L (quick_gelu) and OpenCLIP bigG (gelu), as in SD3.
-    torch.manual_seed(seed)
-    text_encoder = make_text_encoder(
-        spec.te_hidden, spec.te_layers, spec.te_heads, "quick_gelu", vocab, TOKENIZER_PAD_TOKENS["tokenizer"], True
-    )
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = make_text_encoder(
-        spec.te2_hidden, spec.te_layers, spec.te_heads, "gelu", vocab, TOKENIZER_PAD_TOKENS["tokenizer_2"], True
+    # Two projected CLIP towers, as in SD3.
+    text_encoder, text_encoder_2 = make_clip_pair(
+        vocab, (spec.te_hidden, spec.te2_hidden), (spec.te_layers, spec.te_layers), spec.te_heads, seed, True
     )
     torch.manual_seed(seed + 2)
     text_encoder_3 = make_t5_encoder(spec, tokenizer_3)
@@ -361,9 +357,7 @@ def build_sd3_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0,
     Laid out like ``stabilityai/stable-diffusion-3-medium-diffusers``. See :func:`export.checkpoint_common.build_folder`
     for how the folder appears. Returns ``out_dir`` as a Path.
     """
-    if size not in SD3_SIZES:
-        raise ValueError(f"unknown size {size!r}, expected one of {sorted(SD3_SIZES)}")
-    spec = SD3_SIZES[size]
+    spec = size_spec(SD3_SIZES, size)
     out_dir = Path(out_dir)
     return build_folder(
         out_dir,

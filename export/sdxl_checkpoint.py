@@ -18,8 +18,9 @@ import torch
 from export.checkpoint_common import (
     TOKENIZER_PAD_TOKENS,
     build_folder,
-    make_text_encoder,
+    make_clip_pair,
     restore_files,
+    size_spec,
     write_clip_tokenizers,
 )
 
@@ -186,26 +187,8 @@ def write_sdxl_checkpoint(folder: Path, spec: SdxlSize, seed: int, scheduler: st
 
     vocab, tokenizers, tokenizer_files = write_clip_tokenizers(folder, spec.bpe_merges, TOKENIZER_PAD_TOKENS)
 
-    torch.manual_seed(seed)
-    # OpenAI CLIP ViT-L (quick_gelu) and OpenCLIP bigG (gelu, projected pooled output), as in SDXL.
-    text_encoder = make_text_encoder(
-        spec.te_hidden,
-        spec.te_layers,
-        spec.te_heads,
-        act="quick_gelu",
-        vocab=vocab,
-        pad_token=TOKENIZER_PAD_TOKENS["tokenizer"],
-        with_projection=False,
-    )
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = make_text_encoder(
-        spec.te2_hidden,
-        spec.te2_layers,
-        spec.te_heads,
-        act="gelu",
-        vocab=vocab,
-        pad_token=TOKENIZER_PAD_TOKENS["tokenizer_2"],
-        with_projection=True,
+    text_encoder, text_encoder_2 = make_clip_pair(
+        vocab, (spec.te_hidden, spec.te2_hidden), (spec.te_layers, spec.te2_layers), spec.te_heads, seed, False
     )
     torch.manual_seed(seed + 2)
     unet = make_unet(spec, text_embed_dim=spec.te_hidden + spec.te2_hidden, pooled_dim=spec.te2_hidden)
@@ -235,11 +218,9 @@ def build_sdxl_checkpoint(
 
     See :func:`build_folder` for how the folder appears. Returns ``out_dir`` as a Path.
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}, expected one of {sorted(SIZES)}")
+    spec = size_spec(SIZES, size)
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}, expected one of {SCHEDULERS}")
-    spec = SIZES[size]
     out_dir = Path(out_dir)
     return build_folder(
         out_dir,
