@@ -60,7 +60,7 @@ generate: setup
 
 # Latency, speed-ups, efficiency, overhead, bytes moved and fidelity of every mode (small model, 50 steps).
 bench: repository
-	$(PY) -m client.bench --checkpoint-size $(SIZE) --repository model_repository --out out/bench
+	$(PY) -m bench --checkpoint-size $(SIZE) --repository model_repository --out out/bench
 
 # Locust concurrency sweep (1, 2, 4, 8 users per mode and auto) against a server it starts on the small model.
 loadtest: repository

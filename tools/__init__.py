@@ -1,0 +1,1 @@
+"""Tooling around the serving package: process management for tests, the benchmark and the load test."""
