@@ -66,7 +66,7 @@ def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 
 def parse_models(raw: str | None) -> list[tuple[str, str]]:
     """``"sdxl=/a,sd3=/b"`` -> ``[("sdxl", "/a"), ("sd3", "/b")]``, refusing anything else by name."""
     if not raw:
-        raise ConfigError(f"{PREFIX}MODELS is required: family=checkpoint folder, comma separated, e.g. sdxl=/models/sdxl")
+        raise ConfigError(f"{PREFIX}MODELS is required: family=checkpoint folder, comma separated, e.g. sdxl=/m/sdxl")
     models = []
     for item in raw.split(","):
         family, sep, folder = item.strip().partition("=")

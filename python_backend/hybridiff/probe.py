@@ -154,12 +154,17 @@ def run_probe(url: str, families: Sequence[str] = (), timeout: float = 60.0) -> 
     return problems
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the Kubernetes manifests' probe commands are checked against it)."""
     parser = argparse.ArgumentParser(prog="python -m hybridiff.probe", description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP host:port (default %(default)s)")
     parser.add_argument("--family", action="append", default=[], help="a family to check (default: all served)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP call (default %(default)s)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     start = time.monotonic()
     problems = run_probe(args.url, args.family, args.timeout)
     elapsed = time.monotonic() - start
