@@ -153,7 +153,7 @@ def server(sdxl_tiny, sd3_tiny, tmp_path_factory):
 
     repo = tmp_path_factory.mktemp("probe") / "model_repository"
     deployment = Deployment(devices=2, kind="cpu", orchestrator_instances=1,
-                            limits=Limits(max_height=128, max_width=128, max_steps=8))
+                            limits=Limits(max_height=128, max_width=128))
     write_repository(repo, {"sdxl": Path(sdxl_tiny), "sd3": Path(sd3_tiny)}, deployment)
     with TritonServer(repo, ready_timeout=300) as running:
         yield running
