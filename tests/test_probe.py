@@ -193,7 +193,7 @@ def _stub_pids(server, model: str) -> list[int]:
 
 @pytest.mark.server
 def test_probe_fails_when_a_denoiser_stub_is_dead(server, capsys) -> None:
-    """Last in the module: it breaks the server. A killed stub leaves the model "ready"; the request finds it."""
+    """Last in the module: it breaks the server. The probe fails, whatever the ready endpoint says."""
     pids = _stub_pids(server, "sd3_denoiser_1")
     assert pids, "no stub found for sd3_denoiser_1"
     for pid in pids:
@@ -201,6 +201,9 @@ def test_probe_fails_when_a_denoiser_stub_is_dead(server, capsys) -> None:
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
+    status = probe.Probe(server.http_url, 10)._call("/v2/models/sd3_denoiser_1/ready")[0]
     assert probe.main(["--url", server.http_url, "--family", "sd3", "--timeout", "60"]) == 1
     err = capsys.readouterr().err
+    with capsys.disabled():
+        print(f"\nafter the kill, sd3_denoiser_1's ready endpoint answered HTTP {status}; the probe said:\n{err}")
     assert "probe FAILED: sd3:" in err, err
