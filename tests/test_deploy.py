@@ -250,3 +250,20 @@ def test_autoscaler_metric_comes_from_the_adapter_rule() -> None:
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
     for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
         assert placeholder in rule["metricsQuery"]
+
+
+def test_launcher_with_a_server_root_takes_its_backend_and_the_wheels_stub(tmp_path) -> None:
+    """In the image: the backend library of /opt/tritonserver, the stub for the venv's Python from the wheel."""
+    from hybridiff.tritonserver import prepare_backend_dir, server_command, stub_path
+
+    root = tmp_path / "tritonserver"
+    (root / "backends" / "python").mkdir(parents=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        (root / "backends" / "python" / name).write_text(f"image's {name}")
+    python_dir = prepare_backend_dir(tmp_path / "be", server_root=root) / "python"
+    assert (python_dir / "libtriton_python.so").read_text() == "image's libtriton_python.so"
+    assert (python_dir / "triton_python_backend_utils.py").read_text() == "image's triton_python_backend_utils.py"
+    assert (python_dir / "triton_python_backend_stub").resolve() == stub_path().resolve()
+    command = server_command(tmp_path / "repo", tmp_path / "be", server_root=root)
+    assert command[0] == str(root / "bin" / "tritonserver")
+    assert f"--cache-directory={root / 'caches'}" in command
