@@ -110,3 +110,17 @@ def test_wheel_pins_follow_requirements() -> None:
         assert f"{name}=={pins[name]}" in requirements.replace("tritonclient[all]", "tritonclient")
     assert set(gpu_wheels.MISSING_ON_GPU) <= set(pins)
     assert os.path.basename(str(gpu_wheels.REPO)) == REPO.name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="exercises the CPU branch")
+def test_a_part_that_breaks_is_a_failure_with_its_details(tmp_path, monkeypatch) -> None:
+    def broken(family, setup, part):
+        raise RuntimeError(f"{family} could not load")
+
+    monkeypatch.setattr(gpu_check, "in_process", broken)
+    out = tmp_path / "report.md"
+    assert gpu_check.main(["--out", str(out)]) == 1
+    report = out.read_text()
+    assert "0 passed, 2 failed, 2 skipped" in report
+    assert "| CPU fp32 stand-in (tiny) | sd3: load | FAIL | RuntimeError: sd3 could not load |" in report
+    assert "## Failure details" in report and "Traceback" in report

@@ -51,6 +51,7 @@ class Row:
     result: str  # PASS, FAIL or SKIPPED
     detail: str
     seconds: float | None = None
+    log: str = ""  # the whole error, for the report's failure details
 
 
 @dataclass(frozen=True)
@@ -101,12 +102,14 @@ def checkpoint(family: str, size: str) -> Path:
 def timed(rows: list[Row], part: str, check: str, run: Callable[[], tuple[bool, str]]) -> None:
     """Run one check; an exception is a FAIL with its last line, not the end of the report."""
     started = time.perf_counter()
+    log = ""
     try:
         ok, detail = run()
     except Exception as err:  # reported, never hidden
-        traceback.print_exc()
+        log = traceback.format_exc()
+        print(log, flush=True)
         ok, detail = False, f"{type(err).__name__}: {err}".splitlines()[0][:300]
-    rows.append(Row(part, check, "PASS" if ok else "FAIL", detail, time.perf_counter() - started))
+    rows.append(Row(part, check, "PASS" if ok else "FAIL", detail, time.perf_counter() - started, log))
     print(f"[{rows[-1].result}] {part}: {check}: {detail}", flush=True)
 
 
@@ -265,6 +268,16 @@ def environment() -> dict[str, str]:
     return info
 
 
+def guarded(part: str, what: str, run: Callable[[], list[Row]]) -> list[Row]:
+    """A part's rows, or one FAIL row with the whole error when the part could not even start."""
+    try:
+        return run()
+    except Exception as err:  # e.g. the server did not get ready: its log tail is in the message
+        log = traceback.format_exc()
+        print(log, flush=True)
+        return [Row(part, what, "FAIL", f"{type(err).__name__}: {err}".splitlines()[0][:300], None, log)]
+
+
 def report(info: dict[str, str], rows: list[Row], command: str) -> str:
     lines = ["# GPU check", "", f"`{command}`", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
@@ -274,6 +287,11 @@ def report(info: dict[str, str], rows: list[Row], command: str) -> str:
     for row in rows:
         seconds = "" if row.seconds is None else f"{row.seconds:.2f}"
         lines.append(f"| {row.part} | {row.check} | {row.result} | {row.detail} | {seconds} |")
+    failed = [row for row in rows if row.log]
+    if failed:
+        lines += ["", "## Failure details"]
+        for row in failed:
+            lines += ["", f"{row.part}: {row.check}", "", "```", row.log[-6000:].rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -291,25 +309,26 @@ def main(argv: list[str] | None = None) -> int:
     info = environment()
     rows: list[Row] = []
     cuda = torch.cuda.is_available()
+    part_a, part_b, part_cpu = "(a) CUDA fp16, in process", "(b) server, KIND_GPU", "CPU fp32 stand-in (tiny)"
     if cuda:
         gpu = Setup("cuda", "float16", args.size, args.steps, args.side)
         for family in FAMILIES:
-            rows += in_process(family, gpu, "(a) CUDA fp16, in process")
+            rows += guarded(part_a, f"{family}: load", lambda f=family: in_process(f, gpu, part_a))
         if args.no_server:
-            rows.append(Row("(b) server", "every mode over HTTP and gRPC", "SKIPPED", "--no-server"))
+            rows.append(Row(part_b, "every mode over HTTP and gRPC", "SKIPPED", "--no-server"))
         elif importlib.util.find_spec("pytriton") is None:
-            rows.append(Row("(b) server", "every mode over HTTP and gRPC", "SKIPPED",
+            rows.append(Row(part_b, "every mode over HTTP and gRPC", "SKIPPED",
                             "nvidia-pytriton is not installed (bring the wheels: make gpu-wheels)"))
         else:
-            rows += server_checks(gpu, REPO / "build" / "gpu-check" / "model_repository", "(b) server, KIND_GPU")
+            repository = REPO / "build" / "gpu-check" / "model_repository"
+            rows += guarded(part_b, "server start", lambda: server_checks(gpu, repository, part_b))
     else:
         reason = "no CUDA device: torch.cuda.is_available() is False"
-        rows.append(Row("(a) CUDA fp16, in process", "serial/cfg_parallel/stage split, sdxl and sd3", "SKIPPED",
-                        reason))
-        rows.append(Row("(b) server, KIND_GPU", "every mode over HTTP and gRPC", "SKIPPED", reason))
+        rows.append(Row(part_a, "serial/cfg_parallel/stage split, sdxl and sd3", "SKIPPED", reason))
+        rows.append(Row(part_b, "every mode over HTTP and gRPC", "SKIPPED", reason))
         cpu = Setup("cpu", "float32", "tiny", 4, 64)
         for family in FAMILIES:
-            rows += in_process(family, cpu, "CPU fp32 stand-in (tiny)")
+            rows += guarded(part_cpu, f"{family}: load", lambda f=family: in_process(f, cpu, part_cpu))
 
     command = "python -m tools.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:])
     text = report(info, rows, command.strip())
