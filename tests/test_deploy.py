@@ -217,6 +217,7 @@ def test_manifests_agree_with_each_other_and_the_code() -> None:
     repo_args = entrypoint.repository_argv(env)
     assert repo_args[repo_args.index("--kind") + 1] == "gpu"
     assert [f for f, _ in entrypoint.parse_models(env["HYBRIDIFF_MODELS"])] == ["sdxl", "sd3"]
+    assert probe.configured_families(env) == ["sdxl", "sd3"]  # the probe reads the same setting
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]

@@ -47,12 +47,15 @@ class FakeServer:
     def __init__(self) -> None:
         self.schedule: dict[str, Any] = {"mode_run": "cfg_parallel", "failover": []}
         self.unready: set[str] = set()
+        self.index_status = 200  # 403: the repository index is restricted to operators
         self.requests: list[dict] = []
 
     def answer(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
         if path in ("/v2/health/live", "/v2/health/ready"):
             return 200, {}
         if path == "/v2/repository/index" and method == "POST":
+            if self.index_status != 200:
+                return self.index_status, {"error": "This API is restricted"}
             return 200, [{"name": n, "state": "READY"} for n in ("fam", "fam_orchestrator", "fam_vae", "other")]
         if path.endswith("/ready"):
             model = path.split("/")[3]
@@ -72,7 +75,8 @@ class FakeServer:
 
 
 @pytest.fixture
-def fake() -> Iterator[tuple[FakeServer, str]]:
+def fake(monkeypatch) -> Iterator[tuple[FakeServer, str]]:
+    monkeypatch.delenv("HYBRIDIFF_MODELS", raising=False)
     state = FakeServer()
 
     class Handler(BaseHTTPRequestHandler):
@@ -110,6 +114,17 @@ def test_probe_passes_and_discovers_the_families(fake, capsys) -> None:
     assert "probe ok" in capsys.readouterr().out
     (sent,) = state.requests  # one request: "fam" (the only name with an orchestrator), not "other"
     assert {t["name"]: t["data"][0] for t in sent["inputs"]}["MODE"] == "cfg_parallel"
+
+
+def test_probe_takes_the_families_from_the_container_setting(fake, capsys, monkeypatch) -> None:
+    """In a pod HYBRIDIFF_MODELS names the families, so the probe needs no (restricted) repository index."""
+    state, url = fake
+    state.index_status = 403
+    assert probe.main(["--url", url, "--timeout", "5"]) == 1
+    assert "/v2/repository/index: HTTP 403" in capsys.readouterr().err
+    monkeypatch.setenv("HYBRIDIFF_MODELS", "fam=/models/fam")
+    assert probe.main(["--url", url, "--timeout", "5"]) == 0
+    assert len(state.requests) == 1
 
 
 def test_probe_fails_on_a_failover(fake, capsys) -> None:

@@ -10,7 +10,9 @@ response's schedule. It exits 0 when everything answered, 1 with one line per fa
 Kubernetes (an ``exec`` probe) or a person can use it as is. Plain ``urllib``: no client library,
 no torch import, quick to start in a busy pod.
 
-Families default to those the repository index lists (every model ``X`` with an ``X_orchestrator``);
+Families default to those of ``HYBRIDIFF_MODELS`` (``family=folder,...``, the container's setting, so
+the probe needs no admin endpoint in a pod), else to those the repository index lists (every model
+``X`` with an ``X_orchestrator``);
 the models of a family are read from the server's own configs (the ensemble's steps and the
 orchestrator's ``denoisers`` parameter), so the probe checks what the server was configured with.
 """
@@ -19,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 # Limits.min_size, a multiple of every family's size step (8 for SDXL, 16 for SD3); a test keeps it so.
@@ -132,13 +135,19 @@ def _error_text(payload: bytes) -> str:
         return payload.decode(errors="replace")[:200]
 
 
+def configured_families(env: Mapping[str, str] = os.environ) -> list[str]:
+    """The families named in ``HYBRIDIFF_MODELS`` (``family=folder,...``), in order; empty when unset."""
+    items = [item.strip() for item in env.get("HYBRIDIFF_MODELS", "").split(",") if item.strip()]
+    return [item.split("=", 1)[0].strip() for item in items]
+
+
 def run_probe(url: str, families: Sequence[str] = (), timeout: float = 60.0) -> list[str]:
     """Every problem found, one line each (empty: the server can serve every family)."""
     probe = Probe(url, timeout)
     try:
         probe.ready("/v2/health/live")
         probe.ready("/v2/health/ready")
-        families = list(families) or probe.families()
+        families = list(families) or configured_families() or probe.families()
     except ProbeError as err:
         return [str(err)]
     if not families:
