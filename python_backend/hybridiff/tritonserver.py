@@ -9,6 +9,12 @@ Managing a server as a child process (tests, benchmark, load test) is tooling: `
 CLI (foreground, logs to stdout)::
 
     python -m hybridiff.tritonserver --model-repository model_repository
+    python -m hybridiff.tritonserver --model-repository model_repository --dry-run   # print, do not run
+    python -m hybridiff.tritonserver --model-repository /models --server-root /opt/tritonserver  # container
+
+``--server-root`` takes the server binary and the Python backend library from an installed Triton of
+the same release (the official container's ``/opt/tritonserver``); the stub still comes from the wheel,
+since it must match the interpreter whose packages the models import.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -91,7 +98,13 @@ def _place(src: Path, dst: Path, symlink: bool) -> None:
     os.replace(tmp, dst)
 
 
-def prepare_backend_dir(dest: Path | str, *, symlink: bool = True, python_version: str | None = None) -> Path:
+def prepare_backend_dir(
+    dest: Path | str,
+    *,
+    symlink: bool = True,
+    python_version: str | None = None,
+    server_root: Path | str | None = None,
+) -> Path:
     """Assemble ``dest/python/`` (backend library, utils module, matching stub); return ``dest``.
 
     Triton looks for ``<backend-directory>/python/libtriton_python.so`` and the backend starts the
@@ -99,12 +112,14 @@ def prepare_backend_dir(dest: Path | str, *, symlink: bool = True, python_versio
     default (verified to work with 2.51: the binaries' ``$ORIGIN`` rpaths are covered by
     ``server_env``); ``symlink=False`` copies instead, e.g. for a directory that outlives the venv.
     Safe to call repeatedly: up-to-date entries are left untouched, stale ones replaced.
+    With ``server_root``, the backend library and utils come from that server's ``backends/python``.
     """
     root = find_pytriton_root()
     dest = Path(dest).absolute()
     python_dir = dest / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
-    sources = [root / rel for rel in _BACKEND_FILES] + [stub_path(root, python_version)]
+    backend_root = Path(server_root) if server_root is not None else root
+    sources = [backend_root / rel for rel in _BACKEND_FILES] + [stub_path(root, python_version)]
     for src in sources:
         _place(src.resolve(), python_dir / src.name, symlink)
     return dest
@@ -152,13 +167,15 @@ def server_command(
     grpc_port: int = 8001,
     metrics_port: int = 8002,
     extra_args: Sequence[str] = (),
+    server_root: Path | str | None = None,
 ) -> list[str]:
-    """Command line for the bundled tritonserver; ``extra_args`` go last (later flags win).
+    """Command line for the bundled tritonserver (or the one in ``server_root``); ``extra_args`` go
+    last (later flags win).
 
     ``--exit-on-error`` and ``--strict-readiness`` make a broken model fail fast and keep
     ``/v2/health/ready`` false until every model is loaded - what ``TritonServer.wait_ready`` relies on.
     """
-    root = find_pytriton_root()
+    root = Path(server_root) if server_root is not None else find_pytriton_root()
     return [
         str(root / "bin" / "tritonserver"),
         f"--model-repository={Path(model_repository).absolute()}",
@@ -200,19 +217,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where to assemble the Python backend + stub (default: %(default)s)",
     )
     parser.add_argument("--copy", action="store_true", help="copy the backend files instead of symlinking")
+    parser.add_argument(
+        "--server-root",
+        type=Path,
+        default=None,
+        help="an installed Triton of the same release (e.g. /opt/tritonserver in the official container) "
+        "whose binary and Python backend to run instead of the wheel's",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the command and the environment variables it changes as JSON, and exit",
+    )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
 
     if not args.model_repository.is_dir():
         parser.error(f"model repository {args.model_repository} is not a directory")
-    backend_dir = prepare_backend_dir(args.backend_dir, symlink=not args.copy)
+    if args.server_root is not None and not (args.server_root / "bin" / "tritonserver").is_file():
+        parser.error(f"--server-root {args.server_root} has no bin/tritonserver")
+    backend_dir = args.backend_dir.absolute()
+    if not args.dry_run:
+        prepare_backend_dir(backend_dir, symlink=not args.copy, server_root=args.server_root)
     cmd = server_command(
-        args.model_repository, backend_dir, args.http_port, args.grpc_port, args.metrics_port, extra
+        args.model_repository,
+        backend_dir,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        extra,
+        server_root=args.server_root,
     )
+    env = server_env()
+    if args.dry_run:
+        changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+        print(json.dumps({"command": cmd, "env": changed}, indent=2))
+        return 0
     print("+ " + " ".join(cmd), flush=True)
     sys.stderr.flush()
-    os.execve(cmd[0], cmd, server_env())
+    os.execve(cmd[0], cmd, env)
     return 0  # not reached
 
 
