@@ -13,23 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}
+from hybridiff import wire  # torch-free: the one definition of the request
 
-# Request field -> (wire name, numpy dtype). Matches hybridiff.params.PARAMETERS.
-FIELDS = {
-    "negative_prompt": ("NEGATIVE_PROMPT", np.object_),
-    "seed": ("SEED", np.int64),
-    "steps": ("STEPS", np.int64),
-    "guidance_scale": ("GUIDANCE_SCALE", np.float64),
-    "height": ("HEIGHT", np.int64),
-    "width": ("WIDTH", np.int64),
-    "mode": ("MODE", np.object_),
-    "slope_window": ("SLOPE_WINDOW", np.int64),
-    "eps_slope": ("EPS_SLOPE", np.float64),
-    "k": ("K", np.int64),
-    "tau_cap": ("TAU_CAP", np.int64),
-    "pipeline_warmup": ("PIPELINE_WARMUP", np.int64),
-}
+DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}
+NUMPY_TYPES = {wire.BYTES: np.object_, wire.INT64: np.int64, wire.FP64: np.float64}
+
+
+def request_fields() -> dict[str, wire.RequestInput]:
+    """Keyword -> request input, for every input but the prompts (``generate``'s positional argument)."""
+    return {spec.field: spec for spec in wire.REQUEST_INPUTS if spec.name != "PROMPT"}
 
 
 @dataclass
@@ -52,20 +44,19 @@ def _module(protocol: str):
 def build_inputs(protocol: str, prompts: list[str], **fields) -> list:
     """Triton inputs for a request; fields left as None are not sent (the server's defaults apply)."""
     module = _module(protocol)
-    arrays = {"PROMPT": np.array([p.encode() for p in prompts], dtype=np.object_)}
+    known = request_fields()
+    arrays = {("PROMPT", wire.BYTES): np.array([p.encode() for p in prompts], dtype=np.object_)}
     for field, value in fields.items():
         if value is None:
             continue
-        if field not in FIELDS:
-            raise TypeError(f"unknown request field {field!r}")
-        name, dtype = FIELDS[field]
-        arrays[name] = np.array([value.encode() if isinstance(value, str) else value], dtype=dtype)
+        if field not in known:
+            raise TypeError(f"unknown request field {field!r}; known: {', '.join(known)}")
+        spec = known[field]
+        values = value if isinstance(value, list) and spec.per_prompt else [value]
+        encoded = [v.encode() if isinstance(v, str) else v for v in values]
+        arrays[(spec.name, spec.dtype)] = np.array(encoded, dtype=NUMPY_TYPES[spec.dtype])
     inputs = []
-    for name, array in arrays.items():
-        triton_type = "BYTES" if array.dtype == np.object_ else {
-            np.dtype(np.int64): "INT64",
-            np.dtype(np.float64): "FP64",
-        }[array.dtype]
+    for (name, triton_type), array in arrays.items():
         tensor = module.InferInput(name, list(array.shape), triton_type)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -116,11 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", help="host:port (default localhost:8000 for http, :8001 for grpc)")
     parser.add_argument("--out", type=Path, default=Path("out/image.png"))
     parser.add_argument("--show-curve", action="store_true", help="also print the rel-MAE curve")
-    for field, (_, dtype) in FIELDS.items():
-        kind = {np.object_: str, np.int64: int, np.float64: float}[dtype]
-        parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None)
+    for field, spec in request_fields().items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=spec.python_type, default=None, help=spec.description)
     args = parser.parse_args(argv)
-    fields = {field: getattr(args, field) for field in FIELDS}
+    fields = {field: getattr(args, field) for field in request_fields()}
     client = make_client(args.protocol, args.url)
     try:
         result = generate(client, args.protocol, args.family, [args.prompt], **fields)

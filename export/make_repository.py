@@ -17,10 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from hybridiff.families import get_family
-from hybridiff.families.base import Family, TensorSpec
-from hybridiff.params import PARAMETERS, Limits
-from hybridiff.schedule import COND, UNCOND
+from hybridiff import wire
+from hybridiff.wire import FAMILIES, FamilyWire, Limits, Tensor
 
 
 @dataclass(frozen=True)
@@ -46,17 +44,19 @@ class Deployment:
         return "TYPE_FP16" if self.kind == "gpu" else "TYPE_FP32"
 
 
-def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> str:
-    opt = " optional: true" if optional else ""
-    return f'  {{ name: "{name}" data_type: {data_type} dims: [ {", ".join(map(str, dims))} ]{opt} }}'
+def _tensor(tensor: Tensor, deployment: Deployment, batched: bool = False) -> str:
+    """One config entry. ``batched``: the model has max_batch_size > 0, so the first dimension is implicit."""
+    if tensor.dtype == wire.MODEL:
+        data_type = deployment.wire_type
+    else:
+        data_type = "TYPE_STRING" if tensor.dtype == wire.BYTES else f"TYPE_{tensor.dtype}"
+    dims = tensor.shape[1:] if batched else tensor.shape
+    opt = " optional: true" if tensor.optional else ""
+    return f'  {{ name: "{tensor.name}" data_type: {data_type} dims: [ {", ".join(map(str, dims))} ]{opt} }}'
 
 
-def _spec(
-    spec: TensorSpec, deployment: Deployment, prefix: str = "", optional: bool = False, batched: bool = False
-) -> str:
-    """``batched``: the model has max_batch_size > 0, so the batch dimension is implicit."""
-    data_type = deployment.wire_type if spec.model_dtype else "TYPE_FP32"
-    return _tensor(prefix + spec.name, data_type, [-1] * (spec.rank - batched), optional)
+def _tensors(tensors, deployment: Deployment, batched: bool = False) -> list[str]:
+    return [_tensor(t, deployment, batched) for t in tensors]
 
 
 def _parameters(values: dict[str, str]) -> str:
@@ -86,20 +86,13 @@ def _config(
     )
 
 
-def _branch_outputs(family: Family, deployment: Deployment) -> list[str]:
-    return [_spec(s, deployment, f"{b}_") for b in (UNCOND, COND) for s in family.text_outputs]
+def _scalar_tensors() -> list[Tensor]:
+    return [spec.tensor for spec in wire.scalar_inputs()]
 
 
-def _scalar_inputs() -> list[str]:
-    kinds = {"BYTES": "TYPE_STRING", "INT64": "TYPE_INT64", "FP64": "TYPE_FP64"}
-    return [
-        _tensor(name, kinds[kind], [-1], optional=name != "PROMPT")
-        for name, (kind, _) in PARAMETERS.items()
-        if "PROMPT" not in name
-    ]
-
-
-def family_models(family: Family, checkpoint: str, deployment: Deployment) -> dict[str, tuple[str, str | None]]:
+def family_models(
+    family: FamilyWire, checkpoint: str, deployment: Deployment
+) -> dict[str, tuple[str, str | None]]:
     """Model name -> (config.pbtxt, the hybridiff.triton module its model.py imports)."""
     name = family.name
     limits = deployment.limits
@@ -107,13 +100,14 @@ def family_models(family: Family, checkpoint: str, deployment: Deployment) -> di
     common = {"family": name, "checkpoint": checkpoint, "dtype": deployment.dtype, **limits.as_parameters()}
     denoisers = [f"{name}_denoiser_{i}" for i in range(deployment.devices)]
     models: dict[str, tuple[str, str | None]] = {}
-    prompts = [_tensor("PROMPT", "TYPE_STRING", [-1]), _tensor("NEGATIVE_PROMPT", "TYPE_STRING", [-1], True)]
+    prompts = _tensors((spec.tensor for spec in wire.PROMPT_INPUTS), deployment)
+    branch_outputs = _tensors(family.branch_outputs(), deployment)
 
     models[f"{name}_text_encoder"] = (
         _config(
             f"{name}_text_encoder",
             prompts,
-            _branch_outputs(family, deployment),
+            branch_outputs,
             _instances(deployment, 0) + _parameters(common),
         ),
         "text_encoder",
@@ -121,17 +115,8 @@ def family_models(family: Family, checkpoint: str, deployment: Deployment) -> di
     for i, model_name in enumerate(denoisers):
         # Batched (implicit first dimension = the request's guidance branches) so that Triton's
         # dynamic batcher queues requests meeting on this device into one execute().
-        inputs = [
-            _tensor("SAMPLE", "TYPE_FP32", [-1] * (family.latent_rank - 1)),
-            _tensor("TIMESTEP", "TYPE_FP32", [1]),
-            _tensor("STAGE", "TYPE_INT32", [1]),
-            _tensor("CAPTURE_STAGE", "TYPE_INT32", [1]),
-            *[_spec(s, deployment, batched=True) for s in family.conditioning],
-            *[_spec(s, deployment, optional=True, batched=True) for s in family.activations],
-        ]
-        outputs = [_tensor("EPS", deployment.wire_type, [-1] * (family.latent_rank - 1))]
-        outputs += [_spec(s, deployment, batched=True) for s in family.activations]
-        outputs += [_tensor("COMPUTE_SECONDS", "TYPE_FP64", [1]), _tensor("BATCHED_REQUESTS", "TYPE_INT32", [1])]
+        inputs = _tensors(family.denoiser_inputs(), deployment, batched=True)
+        outputs = _tensors(family.denoiser_outputs(), deployment, batched=True)
         params = {
             **common,
             "cpu_cores": str(i),
@@ -152,8 +137,8 @@ def family_models(family: Family, checkpoint: str, deployment: Deployment) -> di
     models[f"{name}_vae"] = (
         _config(
             f"{name}_vae",
-            [_tensor("LATENTS", "TYPE_FP32", [-1, -1, -1, -1])],
-            [_tensor("IMAGE", "TYPE_UINT8", [-1, -1, -1, 3])],
+            _tensors([wire.LATENTS], deployment),
+            _tensors([wire.IMAGE], deployment),
             _instances(deployment, deployment.devices - 1) + _parameters(common),
         ),
         "vae",
@@ -166,8 +151,8 @@ def family_models(family: Family, checkpoint: str, deployment: Deployment) -> di
     models[f"{name}_orchestrator"] = (
         _config(
             f"{name}_orchestrator",
-            _branch_outputs(family, deployment) + _scalar_inputs(),
-            [_tensor("LATENTS", "TYPE_FP32", [-1, -1, -1, -1]), _tensor("SCHEDULE", "TYPE_STRING", [-1])],
+            branch_outputs + _tensors(_scalar_tensors(), deployment),
+            _tensors([wire.LATENTS, wire.SCHEDULE], deployment),
             _instances(deployment, 0, deployment.orchestrator_instances, cpu_only=True)
             + _parameters(orchestrator_params),
         ),
@@ -177,29 +162,29 @@ def family_models(family: Family, checkpoint: str, deployment: Deployment) -> di
     return models
 
 
-def _ensemble(family: Family, deployment: Deployment) -> str:
+def _ensemble(family: FamilyWire, deployment: Deployment) -> str:
     name = family.name
-    branch_names = [f"{b}_{s.name}" for b in (UNCOND, COND) for s in family.text_outputs]
-    scalar_names = [n for n in PARAMETERS if "PROMPT" not in n]
+    branch_names = [t.name for t in family.branch_outputs()]
+    scalar_names = [t.name for t in _scalar_tensors()]
+    prompt_names = [spec.name for spec in wire.PROMPT_INPUTS]
 
     def maps(kind: str, names: list[str]) -> str:
         return "\n".join(f'      {kind} {{ key: "{n}" value: "{n}" }}' for n in names)
 
     steps = [
-        (f"{name}_text_encoder", maps("input_map", ["PROMPT", "NEGATIVE_PROMPT"]), maps("output_map", branch_names)),
+        (f"{name}_text_encoder", maps("input_map", prompt_names), maps("output_map", branch_names)),
         (
             f"{name}_orchestrator",
             maps("input_map", branch_names + scalar_names),
-            maps("output_map", ["LATENTS", "SCHEDULE"]),
+            maps("output_map", [wire.LATENTS.name, wire.SCHEDULE.name]),
         ),
-        (f"{name}_vae", maps("input_map", ["LATENTS"]), maps("output_map", ["IMAGE"])),
+        (f"{name}_vae", maps("input_map", [wire.LATENTS.name]), maps("output_map", [wire.IMAGE.name])),
     ]
     body = ",\n".join(
         f'    {{\n      model_name: "{m}"\n      model_version: -1\n{i}\n{o}\n    }}' for m, i, o in steps
     )
-    inputs = [_tensor("PROMPT", "TYPE_STRING", [-1]), _tensor("NEGATIVE_PROMPT", "TYPE_STRING", [-1], True)]
-    inputs += _scalar_inputs()
-    outputs = [_tensor("IMAGE", "TYPE_UINT8", [-1, -1, -1, 3]), _tensor("SCHEDULE", "TYPE_STRING", [-1])]
+    inputs = _tensors((spec.tensor for spec in wire.REQUEST_INPUTS), deployment)
+    outputs = _tensors(wire.RESPONSE_OUTPUTS, deployment)
     return _config(name, inputs, outputs, f"ensemble_scheduling {{\n  step [\n{body}\n  ]\n}}\n", backend=False)
 
 
@@ -222,7 +207,7 @@ def write_repository(out: Path, checkpoints: dict[str, Path], deployment: Deploy
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".repo-", dir=out.parent))
     for family_name, checkpoint in checkpoints.items():
-        family = get_family(family_name)
+        family = FAMILIES[family_name]
         # Relative to the repository, so the repository and checkpoints move together.
         relative = os.path.relpath(Path(checkpoint).resolve(), out)
         for model_name, (config, module) in family_models(family, relative, deployment).items():

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from hybridiff.families.sdxl import SDXLFamily
 from hybridiff.params import InvalidParameter, Limits, parse_image_requests, parse_prompts
 from hybridiff.schedule import Mode
+from hybridiff.wire import SDXL
 
-DEFAULTS = SDXLFamily.defaults
+DEFAULTS = SDXL.defaults
 LIMITS = Limits(max_height=512, max_width=512, max_steps=100, max_batch=4)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hybridiff import wire
 from hybridiff.params import InvalidParameter, Limits
 from hybridiff.validation import (
     FeatureMap,
@@ -25,24 +26,22 @@ from hybridiff.validation import (
 )
 
 SDXL = ModelShapes(
+    family=wire.SDXL,
     latent_channels=4,
     vae_scale_factor=8,
     size_multiple=8,
     max_size=None,
-    text_outputs={"PROMPT_EMBEDS": (77, 96), "TEXT_EMBEDS": (64,)},
     conditioning={"PROMPT_EMBEDS": (77, 96), "TEXT_EMBEDS": (64,), "TIME_IDS": (6,)},
     activations={"MIDDLE_ACT": FeatureMap(160, 2), "HEAD_ACT": FeatureMap(64, 2)},
-    stage_exports=(("MIDDLE_ACT",), ("HEAD_ACT",)),
 )
 SD3 = ModelShapes(
+    family=wire.SD3,
     latent_channels=16,
     vae_scale_factor=8,
     size_multiple=16,
     max_size=1024,
-    text_outputs={"PROMPT_EMBEDS": (333, 128), "POOLED_EMBEDS": (96,)},
     conditioning={"PROMPT_EMBEDS": (333, 128), "POOLED_EMBEDS": (96,)},
     activations={"MIDDLE_HIDDEN": ImageTokens(2, 32), "MIDDLE_ENCODER": FixedShape((333, 32))},
-    stage_exports=(("MIDDLE_HIDDEN", "MIDDLE_ENCODER"), ()),
 )
 LIMITS = Limits(max_height=256, max_width=512, min_size=64, max_steps=64, max_batch=4, size_multiple=8)
 SD3_LIMITS = dataclasses.replace(LIMITS, size_multiple=16)
@@ -75,6 +74,15 @@ def test_model_limits_narrow_to_what_the_model_runs():
     assert (sd3.max_height, sd3.max_width, sd3.size_multiple) == (1024, 512, 16)
     sdxl = model_limits(params, SDXL)
     assert (sdxl.max_height, sdxl.max_width, sdxl.size_multiple) == (2048, 512, 8)
+
+
+def test_shapes_must_cover_the_family_wire_at_its_ranks():
+    with pytest.raises(ValueError, match="TIME_IDS"):
+        dataclasses.replace(SDXL, conditioning={"PROMPT_EMBEDS": (77, 96), "TEXT_EMBEDS": (64,)})
+    with pytest.raises(ValueError, match="TEXT_EMBEDS has rank 2 on the wire, not 3"):
+        dataclasses.replace(SDXL, conditioning={**SDXL.conditioning, "TEXT_EMBEDS": (64, 1)})
+    with pytest.raises(ValueError, match="MIDDLE_HIDDEN has rank 3 on the wire, not 4"):
+        dataclasses.replace(SD3, activations={**SD3.activations, "MIDDLE_HIDDEN": FeatureMap(32, 1)})
 
 
 # --- latents (denoiser SAMPLE, VAE LATENTS) -------------------------------------------------------

@@ -3,10 +3,8 @@
 glibc's adaptive malloc hands large freed blocks back to the kernel (munmap, heap trimming) and
 raises its thresholds only for the sizes it has just seen. A process that alternates activation
 shapes - a denoiser serving batch 1 and batch 2, whole passes and pipeline stages - keeps getting
-fresh pages, each zeroed by the kernel on first touch. Measured in the server on this VM (SDXL
-`small`, 50 steps, 512 px): 5,000-7,000 minor faults per serial step and ~2,200 per cfg_parallel
-step on one device, at ~4 us each (3-4% of a serial step); with fixed thresholds, at most ~25 per
-step once the first request has grown the heap.
+fresh pages, each zeroed by the kernel on first touch: thousands of minor faults per step. With
+fixed thresholds the heap, once grown by the first request, is reused (figures: docs/performance.md).
 (jemalloc or tcmalloc through LD_PRELOAD do the same job where they are installed.)
 """
 

@@ -8,9 +8,11 @@ its inputs here against the checkpoint's shapes (:class:`ModelShapes`) and the d
 allocates more than a public request may. A bad input raises :class:`InvalidParameter` naming it
 and the allowed range; the Triton glue answers INVALID_ARG.
 
-Plain Python over shapes (tuples of ints) and a few scalar values, so every rule is unit-tested
-without a server. Triton itself enforces each input's dtype and rank from the generated config;
-the checks repeat the rank because they read the dimensions.
+Plain Python over shapes (tuples of ints) and a few scalar values, torch-free, so every rule is
+unit-tested without a server. Triton itself enforces each input's dtype and rank from the generated
+config (:mod:`hybridiff.wire`); the checks repeat the rank because they read the dimensions.
+:class:`InvalidParameter` lives here so that :mod:`hybridiff.params` (the public request's rules)
+and these checks raise the same error.
 """
 
 from __future__ import annotations
@@ -19,10 +21,19 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from .params import InvalidParameter, Limits
+from . import wire
 from .schedule import COND, UNCOND
+from .wire import FamilyWire, Limits
 
 Shape = tuple[int, ...]
+
+
+class InvalidParameter(ValueError):
+    """An input outside its allowed range; the message names the field (or tensor) and the range."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -64,27 +75,44 @@ ActivationShape = FeatureMap | ImageTokens | FixedShape
 
 @dataclass(frozen=True)
 class ModelShapes:
-    """The per-sample shapes (batch dimension left out) one checkpoint's models exchange.
+    """A family's wire tensors (:class:`~hybridiff.wire.FamilyWire`) at the sizes one checkpoint gives them:
+    per sample, the batch dimension left out.
 
     Read from the checkpoint's configs by :meth:`hybridiff.families.base.Family.model_shapes`.
     """
 
+    family: FamilyWire
     latent_channels: int
     vae_scale_factor: int
     size_multiple: int  # image sides in pixels are multiples of this (see Sampler.size_multiple)
     max_size: int | None  # the largest image side the model can run at, if it has one
-    text_outputs: Mapping[str, Shape]  # per-branch outputs of the text encoder
-    conditioning: Mapping[str, Shape]  # per-branch inputs of the denoiser (text outputs + extras)
+    conditioning: Mapping[str, Shape]  # every per-branch denoiser input (the text encoder's outputs among them)
     activations: Mapping[str, ActivationShape]  # stale activations between pipeline stages
-    stage_exports: tuple[tuple[str, ...], ...]  # wire names each stage hands to the others
+
+    def __post_init__(self) -> None:
+        """Every tensor of the family gets a shape, of the rank the wire gives it."""
+        family = self.family
+        for tensors, shapes in ((family.conditioning, self.conditioning), (family.activations, self.activations)):
+            names = [t.name for t in tensors]
+            if sorted(names) != sorted(shapes):
+                raise ValueError(f"{family.name}: shapes for {sorted(shapes)}, the wire has {names}")
+            for tensor in tensors:
+                shape = shapes[tensor.name]
+                rank = 1 + len(shape if isinstance(shape, tuple) else shape.shape(1, 1))
+                if rank != tensor.rank:
+                    raise ValueError(f"{family.name}: {tensor.name} has rank {tensor.rank} on the wire, not {rank}")
+
+    @property
+    def text_outputs(self) -> dict[str, Shape]:
+        """The text encoder's per-branch outputs (sent to the orchestrator as ``uncond_``/``cond_`` + name)."""
+        return {t.name: self.conditioning[t.name] for t in self.family.text_outputs}
 
     @property
     def num_stages(self) -> int:
-        return len(self.stage_exports)
+        return len(self.family.stage_exports)
 
     def stage_imports(self, stage: int) -> tuple[str, ...]:
-        """Wire names stage ``stage`` reads (the other stages' exports), as ``Family.stage_imports``."""
-        return tuple(n for s, names in enumerate(self.stage_exports) if s != stage for n in names)
+        return self.family.stage_imports(stage)
 
 
 def model_limits(params: Mapping[str, str], shapes: ModelShapes) -> Limits:
@@ -177,11 +205,11 @@ def _one_value(field: str, values: Sequence[float], batch: int) -> float:
 
 
 def check_stage(field: str, values: Sequence[int], batch: int, num_stages: int) -> int | None:
-    """A stage index: -1 (none) or 0 to ``num_stages - 1``; returns None for -1."""
+    """A stage index: ``NO_STAGE`` (-1) or 0 to ``num_stages - 1``; returns None for ``NO_STAGE``."""
     value = _one_value(field, values, batch)
-    if value != int(value) or not -1 <= value < num_stages:
-        raise InvalidParameter(field, f"{value}; allowed -1 (none) or 0 to {num_stages - 1}")
-    return None if value < 0 else int(value)
+    if value != wire.NO_STAGE and not 0 <= value < num_stages:
+        raise InvalidParameter(field, f"{value}; allowed {wire.NO_STAGE} (none) or 0 to {num_stages - 1}")
+    return None if value == wire.NO_STAGE else int(value)
 
 
 # --- per model -----------------------------------------------------------------------------------
@@ -193,7 +221,7 @@ def check_text_conditioning(inputs: Mapping[str, Shape | None], shapes: ModelSha
     reference: tuple[str, int] | None = None
     for branch in (UNCOND, COND):
         for name, expected in shapes.text_outputs.items():
-            field = f"{branch}_{name}"
+            field = wire.branch_name(branch, name)
             shape = _present(field, inputs.get(field))
             check_sample_shape(field, shape, expected)
             check_batch(field, shape[0], limits.max_batch)
@@ -226,41 +254,44 @@ def check_denoiser_inputs(
     request, the conditioning and exactly the stale activations its stage reads, shaped for that
     latent. ``inputs`` maps every tensor input to its shape (None when absent); ``timestep``,
     ``stage`` and ``capture_stage`` are those inputs' values (one per row)."""
-    batch, height, width = check_latents("SAMPLE", inputs.get("SAMPLE"), shapes, limits, max_device_batch)
-    for field in ("TIMESTEP", "STAGE", "CAPTURE_STAGE"):
+    sample = wire.SAMPLE.name
+    batch, height, width = check_latents(sample, inputs.get(sample), shapes, limits, max_device_batch)
+    for field in (wire.TIMESTEP.name, wire.STAGE.name, wire.CAPTURE_STAGE.name):
         shape = _present(field, inputs.get(field))
         check_sample_shape(field, shape, (1,))
-        check_same_batch(field, shape[0], "SAMPLE", batch)
+        check_same_batch(field, shape[0], sample, batch)
     for value in timestep:
         if not math.isfinite(value):
-            raise InvalidParameter("TIMESTEP", f"must be finite, got {value}")
-    _one_value("TIMESTEP", timestep, batch)
-    run_stage = check_stage("STAGE", stage, batch, shapes.num_stages)
-    capture = check_stage("CAPTURE_STAGE", capture_stage, batch, shapes.num_stages)
+            raise InvalidParameter(wire.TIMESTEP.name, f"must be finite, got {value}")
+    _one_value(wire.TIMESTEP.name, timestep, batch)
+    run_stage = check_stage(wire.STAGE.name, stage, batch, shapes.num_stages)
+    capture = check_stage(wire.CAPTURE_STAGE.name, capture_stage, batch, shapes.num_stages)
     if run_stage is not None and capture is not None:
         raise InvalidParameter(
-            "CAPTURE_STAGE", f"{capture} with STAGE {run_stage}; a capture runs the whole model: send STAGE -1"
+            wire.CAPTURE_STAGE.name,
+            f"{capture} with {wire.STAGE.name} {run_stage}; a capture runs the whole model: send "
+            f"{wire.STAGE.name} {wire.NO_STAGE}",
         )
     for name, expected in shapes.conditioning.items():
         shape = _present(name, inputs.get(name))
         check_sample_shape(name, shape, expected)
-        check_same_batch(name, shape[0], "SAMPLE", batch)
+        check_same_batch(name, shape[0], sample, batch)
     reads = shapes.stage_imports(run_stage) if run_stage is not None else ()
     for name, rule in shapes.activations.items():
         shape = inputs.get(name)
         if name not in reads:
             if shape is not None:
-                which = f"stage {run_stage}" if run_stage is not None else "a whole-model pass (STAGE -1)"
+                which = f"stage {run_stage}" if run_stage is not None else f"a whole-model pass (STAGE {wire.NO_STAGE})"
                 raise InvalidParameter(name, f"not read by {which}; leave it out")
             continue
         if shape is None:
             raise InvalidParameter(name, f"missing; stage {run_stage} reads it (the other stage's activations)")
         check_sample_shape(name, shape, rule.shape(height, width))
-        check_same_batch(name, shape[0], "SAMPLE", batch)
+        check_same_batch(name, shape[0], sample, batch)
     return DenoiserCall(batch, run_stage, capture)
 
 
 def check_vae_latents(shape: Shape | None, shapes: ModelShapes, limits: Limits) -> int:
     """The VAE's latents: at most ``max_batch`` images (one per prompt) of an allowed size. Returns the batch."""
-    batch, _, _ = check_latents("LATENTS", shape, shapes, limits, limits.max_batch)
+    batch, _, _ = check_latents(wire.LATENTS.name, shape, shapes, limits, limits.max_batch)
     return batch

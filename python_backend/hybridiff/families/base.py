@@ -13,36 +13,17 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..schedule import COND, UNCOND, HybridKnobs
+from ..schedule import COND, UNCOND
 from ..stale import StageSplit, run_stage
-
-if TYPE_CHECKING:  # validation imports params, which imports this module
-    from ..validation import ModelShapes
+from ..validation import ModelShapes
+from ..wire import FamilyDefaults, FamilyWire, Tensor
 
 Conditioning = dict[str, torch.Tensor]  # one guidance branch's tensors, batch 1
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor on the wire between Triton models: name, rank, and whether it is model-dtype."""
-
-    name: str
-    rank: int
-    model_dtype: bool = True  # FP16 on GPU deployments, FP32 on CPU; else always FP32
-
-
-@dataclass(frozen=True)
-class FamilyDefaults:
-    steps: int
-    guidance_scale: float
-    height: int
-    width: int
-    knobs: HybridKnobs
 
 
 @dataclass(frozen=True)
@@ -153,19 +134,41 @@ def branch_tensors(cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor
 
 
 class Family(ABC):
-    """A model family: its names, wire tensors, defaults and loaders."""
+    """A model family: its loaders; its tensors and defaults are in :mod:`hybridiff.wire` (``wire``)."""
 
-    name: str
-    defaults: FamilyDefaults
-    text_outputs: tuple[TensorSpec, ...]  # per-branch outputs of the text encoder
-    conditioning: tuple[TensorSpec, ...]  # per-branch inputs of the denoiser
-    activations: tuple[TensorSpec, ...]  # stale activations between stages
-    stage_exports: tuple[tuple[str, ...], ...]  # wire names of the activations each stage hands on
-    latent_rank: int = 4
+    wire: FamilyWire
+
+    @property
+    def name(self) -> str:
+        return self.wire.name
+
+    @property
+    def defaults(self) -> FamilyDefaults:
+        return self.wire.defaults
+
+    @property
+    def text_outputs(self) -> tuple[Tensor, ...]:
+        """Per-branch outputs of the text encoder."""
+        return self.wire.text_outputs
+
+    @property
+    def conditioning(self) -> tuple[Tensor, ...]:
+        """Per-branch inputs of the denoiser."""
+        return self.wire.conditioning
+
+    @property
+    def activations(self) -> tuple[Tensor, ...]:
+        """Stale activations between pipeline stages."""
+        return self.wire.activations
+
+    @property
+    def stage_exports(self) -> tuple[tuple[str, ...], ...]:
+        """Wire names of the activations each stage hands on."""
+        return self.wire.stage_exports
 
     def stage_imports(self, stage: int) -> tuple[str, ...]:
         """Wire names of the stale activations stage ``stage`` reads (the other stages' exports)."""
-        return tuple(n for s, names in enumerate(self.stage_exports) if s != stage for n in names)
+        return self.wire.stage_imports(stage)
 
     @abstractmethod
     def load_text_encoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> TextEncoder: ...

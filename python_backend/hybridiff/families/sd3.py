@@ -19,16 +19,14 @@ from diffusers.models.attention import JointTransformerBlock
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from ..params import InvalidParameter
-from ..schedule import HybridKnobs
 from ..stale import StageSplit
 from ..validation import FixedShape, ImageTokens, ModelShapes
+from ..wire import SD3 as SD3_WIRE
 from .base import (
     Conditioning,
     Denoiser,
     Family,
-    FamilyDefaults,
     Sampler,
-    TensorSpec,
     TextEncoder,
     VaeDecoder,
     branch_tensors,
@@ -39,8 +37,8 @@ from .schedulers import load_scheduler_config, new_scheduler
 
 # diffusers' default T5 sequence length for SD3 (the pipeline allows up to 512).
 MAX_SEQUENCE_LENGTH = 256
-MIDDLE_HIDDEN = "MIDDLE_HIDDEN"  # block n/2-1's image-token stream
-MIDDLE_ENCODER = "MIDDLE_ENCODER"  # block n/2-1's text-token stream
+# Block n/2-1's image-token and text-token streams, as named on the wire.
+MIDDLE_HIDDEN, MIDDLE_ENCODER = (t.name for t in SD3_WIRE.activations)
 
 
 def sd3_split(transformer: SD3Transformer2DModel) -> StageSplit:
@@ -191,20 +189,7 @@ class SD3Sampler(Sampler):
 
 
 class SD3Family(Family):
-    name = "sd3"
-    defaults = FamilyDefaults(
-        steps=50,
-        guidance_scale=7.0,
-        height=512,
-        width=512,
-        knobs=HybridKnobs(window=15, eps_slope=0.5e-3, k=5, tau_cap=40),
-    )
-    text_outputs = (TensorSpec("PROMPT_EMBEDS", 3), TensorSpec("POOLED_EMBEDS", 2))
-    conditioning = text_outputs
-    activations = (TensorSpec(MIDDLE_HIDDEN, 3), TensorSpec(MIDDLE_ENCODER, 3))
-    # Stage 0 hands block n/2-1's two streams to stage 1; stage 1 hands nothing back (stage 0 starts from the
-    # embeddings, which every device computes itself).
-    stage_exports = ((MIDDLE_HIDDEN, MIDDLE_ENCODER), ())
+    wire = SD3_WIRE
 
     def load_text_encoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> SD3TextEncoder:
         return SD3TextEncoder(folder, device, dtype)
@@ -230,15 +215,14 @@ class SD3Family(Family):
         }
         width = config["num_attention_heads"] * config["attention_head_dim"]
         return ModelShapes(
+            family=self.wire,
             latent_channels=sampler.latent_channels,
             vae_scale_factor=sampler.vae_scale_factor,
             size_multiple=sampler.size_multiple,
             max_size=sampler.max_size,
-            text_outputs=text,
             conditioning=text,
             activations={
                 MIDDLE_HIDDEN: ImageTokens(sampler.patch_size, width),
                 MIDDLE_ENCODER: FixedShape((tokens, config["caption_projection_dim"])),
             },
-            stage_exports=self.stage_exports,
         )

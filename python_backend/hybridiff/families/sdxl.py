@@ -15,16 +15,14 @@ import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D
 
-from ..schedule import HybridKnobs
 from ..stale import StageSplit
 from ..validation import FeatureMap, ModelShapes
+from ..wire import SDXL as SDXL_WIRE
 from .base import (
     Conditioning,
     Denoiser,
     Family,
-    FamilyDefaults,
     Sampler,
-    TensorSpec,
     TextEncoder,
     VaeDecoder,
     branch_tensors,
@@ -32,6 +30,8 @@ from .base import (
     vae_scale_factor,
 )
 from .schedulers import load_scheduler_config, new_scheduler
+
+MIDDLE_ACT, HEAD_ACT = (t.name for t in SDXL_WIRE.activations)  # stage 0 hands on MIDDLE, stage 1 HEAD
 
 
 def sdxl_split(unet: UNet2DConditionModel) -> StageSplit:
@@ -88,18 +88,18 @@ class SDXLDenoiser(Denoiser):
     def _pack(self, recorded: dict[str, Any]) -> dict[str, torch.Tensor]:
         wire = {}
         if self._middle_export in recorded:
-            wire["MIDDLE_ACT"] = recorded[self._middle_export][0].contiguous()
+            wire[MIDDLE_ACT] = recorded[self._middle_export][0].contiguous()
         if self._head_export in recorded:
             # Only the hidden states cross; the head block's skips stay with the head stage.
-            wire["HEAD_ACT"] = recorded[self._head_export][0].contiguous()
+            wire[HEAD_ACT] = recorded[self._head_export][0].contiguous()
         return wire
 
     def _unpack(self, wire: dict[str, torch.Tensor]) -> dict[str, Any]:
         stale: dict[str, Any] = {}
-        if "MIDDLE_ACT" in wire:
-            stale[self._middle_export] = (wire["MIDDLE_ACT"],)
-        if "HEAD_ACT" in wire:
-            head = wire["HEAD_ACT"]
+        if MIDDLE_ACT in wire:
+            stale[self._middle_export] = (wire[MIDDLE_ACT],)
+        if HEAD_ACT in wire:
+            head = wire[HEAD_ACT]
             stale[self._head_export] = (head, (head,) * self._head_skips)
         return stale
 
@@ -148,18 +148,7 @@ class SDXLSampler(Sampler):
 
 
 class SDXLFamily(Family):
-    name = "sdxl"
-    defaults = FamilyDefaults(
-        steps=50,
-        guidance_scale=5.0,
-        height=512,
-        width=512,
-        knobs=HybridKnobs(window=12, eps_slope=0.4e-3, k=5, tau_cap=15),
-    )
-    text_outputs = (TensorSpec("PROMPT_EMBEDS", 3), TensorSpec("TEXT_EMBEDS", 2))
-    conditioning = (*text_outputs, TensorSpec("TIME_IDS", 2))
-    activations = (TensorSpec("MIDDLE_ACT", 4), TensorSpec("HEAD_ACT", 4))
-    stage_exports = (("MIDDLE_ACT",), ("HEAD_ACT",))
+    wire = SDXL_WIRE
 
     def load_text_encoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> SDXLTextEncoder:
         return SDXLTextEncoder(folder, device, dtype)
@@ -189,15 +178,11 @@ class SDXLFamily(Family):
         # block's width) and the output of the head's last block, after its downsampler.
         lowest = len(channels) - 1
         return ModelShapes(
+            family=self.wire,
             latent_channels=sampler.latent_channels,
             vae_scale_factor=sampler.vae_scale_factor,
             size_multiple=sampler.size_multiple,
             max_size=sampler.max_size,
-            text_outputs=text,
             conditioning={**text, "TIME_IDS": (time_ids,)},
-            activations={
-                "MIDDLE_ACT": FeatureMap(channels[-1], lowest),
-                "HEAD_ACT": FeatureMap(channels[-2], lowest),
-            },
-            stage_exports=self.stage_exports,
+            activations={MIDDLE_ACT: FeatureMap(channels[-1], lowest), HEAD_ACT: FeatureMap(channels[-2], lowest)},
         )

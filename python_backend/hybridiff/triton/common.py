@@ -29,8 +29,8 @@ class Placement:
         """Pin every thread of this stub process before torch starts its thread pool.
 
         Affinity is per thread on Linux, and the stub runs ``execute`` on a thread that exists
-        before ``initialize``: pinning only the calling thread left the compute free to wander onto
-        the other device's core (measured: ~20% slower serial steps in the server than alone).
+        before ``initialize``: pinning only the calling thread leaves the compute free to wander onto
+        the other device's core.
         Freed activation memory stays mapped (:mod:`hybridiff.host_memory`): the same page faults
         cost both kinds of device, and the orchestrator's host tensors too.
         """

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from .. import wire
 from ..batching import run_tasks
 from ..families import get_family
 from ..families.base import DenoiseOutput
 from ..loop import DenoiseTask
 from ..validation import check_denoiser_inputs, model_limits
 from .common import error_response, input_tensor, model_context, response
-
-SCALARS = ("TIMESTEP", "STAGE", "CAPTURE_STAGE")
 
 
 class TritonPythonModel:
@@ -54,25 +53,23 @@ class TritonPythonModel:
     def _task(self, request) -> DenoiseTask:
         """The request's task, after its inputs passed the same limits as a public request's (else
         InvalidParameter naming the input)."""
-        names = ["SAMPLE", *SCALARS, *(s.name for s in self.family.conditioning)]
-        names += [s.name for s in self.family.activations]
+        scalars = (wire.TIMESTEP.name, wire.STAGE.name, wire.CAPTURE_STAGE.name)
+        names = [wire.SAMPLE.name, *scalars, *(t.name for t in self.family.conditioning + self.family.activations)]
         tensors = {name: input_tensor(request, name) for name in names}
-        values = {name: [] if tensors[name] is None else tensors[name].reshape(-1).tolist() for name in SCALARS}
+        values = {name: [] if tensors[name] is None else tensors[name].reshape(-1).tolist() for name in scalars}
         call = check_denoiser_inputs(
             {name: None if t is None else tuple(t.shape) for name, t in tensors.items()},
-            values["TIMESTEP"],
-            values["STAGE"],
-            values["CAPTURE_STAGE"],
+            *(values[name] for name in scalars),
             self.shapes,
             self.limits,
             self.max_device_batch,
         )
         return DenoiseTask(
-            sample=tensors["SAMPLE"],
-            timestep=tensors["TIMESTEP"].reshape(-1)[:1],
-            cond={spec.name: tensors[spec.name] for spec in self.family.conditioning},
+            sample=tensors[wire.SAMPLE.name],
+            timestep=tensors[wire.TIMESTEP.name].reshape(-1)[:1],
+            cond={t.name: tensors[t.name] for t in self.family.conditioning},
             stage=call.stage,
-            stale={spec.name: tensors[spec.name] for spec in self.family.activations if tensors[spec.name] is not None},
+            stale={t.name: tensors[t.name] for t in self.family.activations if tensors[t.name] is not None},
             capture_stage=call.capture_stage,
             want_eps=True,
         )
@@ -82,7 +79,7 @@ class TritonPythonModel:
         batch = task.sample.shape[0]
         tensors = dict(output.activations)
         if output.eps is not None:
-            tensors["EPS"] = output.eps
-        tensors["COMPUTE_SECONDS"] = torch.full((batch, 1), output.compute_seconds, dtype=torch.float64)
-        tensors["BATCHED_REQUESTS"] = torch.full((batch, 1), output.batched_requests, dtype=torch.int32)
+            tensors[wire.EPS.name] = output.eps
+        tensors[wire.COMPUTE_SECONDS.name] = torch.full((batch, 1), output.compute_seconds, dtype=torch.float64)
+        tensors[wire.BATCHED_REQUESTS.name] = torch.full((batch, 1), output.batched_requests, dtype=torch.int32)
         return response(tensors)

@@ -15,11 +15,12 @@ import json
 import numpy as np
 import torch
 
+from .. import wire
 from ..families import get_family
 from ..families.base import DenoiseOutput, Family
 from ..load import LoadBoard, default_board_path, remove_dead_boards
 from ..loop import DenoiseTask, ImageRequest, denoise_image
-from ..params import PARAMETERS, InvalidParameter, parse_image_requests
+from ..params import InvalidParameter, parse_image_requests
 from ..schedule import COND, UNCOND, Mode, may_yield, place_request, yield_device
 from ..validation import check_text_conditioning, model_limits
 from .common import error_response, from_triton, input_array, input_tensor, model_context, to_triton
@@ -56,19 +57,21 @@ class BLSTransport:
         def per_sample(value: float, dtype: torch.dtype) -> torch.Tensor:
             return torch.full((batch, 1), value, dtype=dtype)
 
+        def stage_index(stage: int | None) -> torch.Tensor:
+            return per_sample(wire.NO_STAGE if stage is None else stage, torch.int32)
+
         inputs = [
-            to_triton("SAMPLE", task.sample.to(torch.float32).expand(batch, *task.sample.shape[1:])),
-            to_triton("TIMESTEP", per_sample(float(task.timestep.reshape(-1)[0]), torch.float32)),
-            to_triton("STAGE", per_sample(-1 if task.stage is None else task.stage, torch.int32)),
-            to_triton(
-                "CAPTURE_STAGE", per_sample(-1 if task.capture_stage is None else task.capture_stage, torch.int32)
-            ),
+            to_triton(wire.SAMPLE.name, task.sample.to(torch.float32).expand(batch, *task.sample.shape[1:])),
+            to_triton(wire.TIMESTEP.name, per_sample(float(task.timestep.reshape(-1)[0]), torch.float32)),
+            to_triton(wire.STAGE.name, stage_index(task.stage)),
+            to_triton(wire.CAPTURE_STAGE.name, stage_index(task.capture_stage)),
         ]
         inputs += [to_triton(name, t.to(self.wire_dtype)) for name, t in task.cond.items()]
         inputs += [to_triton(name, t.to(self.wire_dtype)) for name, t in task.stale.items()]
         export_stage = task.stage if task.stage is not None else task.capture_stage
         exports = list(self.family.stage_exports[export_stage]) if export_stage is not None else []
-        requested = (["EPS"] if task.want_eps else []) + exports + ["COMPUTE_SECONDS", "BATCHED_REQUESTS"]
+        requested = [wire.EPS.name] if task.want_eps else []
+        requested += exports + [wire.COMPUTE_SECONDS.name, wire.BATCHED_REQUESTS.name]
         kwargs = {}
         memory = self._preferred_memory(device)
         if memory is not None:
@@ -83,9 +86,9 @@ class BLSTransport:
         def output(name: str) -> torch.Tensor:
             return from_triton(self.pb.get_output_tensor_by_name(reply, name))
 
-        eps = output("EPS") if task.want_eps else None
-        compute_seconds = float(output("COMPUTE_SECONDS").reshape(-1)[0])
-        batched = int(output("BATCHED_REQUESTS").reshape(-1)[0])
+        eps = output(wire.EPS.name) if task.want_eps else None
+        compute_seconds = float(output(wire.COMPUTE_SECONDS.name).reshape(-1)[0])
+        batched = int(output(wire.BATCHED_REQUESTS.name).reshape(-1)[0])
         return DenoiseOutput(eps, {name: output(name) for name in exports}, compute_seconds, batched)
 
 
@@ -154,12 +157,12 @@ class TritonPythonModel:
         return list(await asyncio.gather(*(self._execute_one(r) for r in requests)))
 
     async def _execute_one(self, request):
-        names = [f"{branch}_{spec.name}" for branch in (UNCOND, COND) for spec in self.family.text_outputs]
+        names = [t.name for t in self.family.wire.branch_outputs()]
         embeds = {name: input_tensor(request, name) for name in names}
         try:
             shapes = {name: None if t is None else tuple(t.shape) for name, t in embeds.items()}
             batch = check_text_conditioning(shapes, self.shapes, self.limits)
-            scalars = {name: input_array(request, name) for name in PARAMETERS if "PROMPT" not in name}
+            scalars = {spec.name: input_array(request, spec.name) for spec in wire.scalar_inputs()}
             image_requests = parse_image_requests(scalars, self.family.defaults, self.limits, batch)
         except InvalidParameter as err:
             return error_response(str(err))
@@ -167,7 +170,9 @@ class TritonPythonModel:
         try:
             for i, image_request in enumerate(image_requests):
                 branch_cond = {
-                    branch: {spec.name: embeds[f"{branch}_{spec.name}"][i : i + 1] for spec in self.family.text_outputs}
+                    branch: {
+                        t.name: embeds[wire.branch_name(branch, t.name)][i : i + 1] for t in self.family.text_outputs
+                    }
                     for branch in (UNCOND, COND)
                 }
                 image_latents, summary = await self._denoise_placed(image_request, branch_cond)
@@ -175,7 +180,7 @@ class TritonPythonModel:
                 schedules.append(json.dumps(summary))
         except DeviceError as err:
             return error_response(str(err), invalid_argument=False)
-        schedule_tensor = self.pb.Tensor("SCHEDULE", np.array(schedules, dtype=object))
+        schedule_tensor = self.pb.Tensor(wire.SCHEDULE.name, np.array(schedules, dtype=object))
         return self.pb.InferenceResponse(
-            output_tensors=[to_triton("LATENTS", torch.cat(latents)), schedule_tensor]
+            output_tensors=[to_triton(wire.LATENTS.name, torch.cat(latents)), schedule_tensor]
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import wire
 from ..families import get_family
 from ..params import InvalidParameter, Limits, parse_prompts
 from .common import error_response, input_array, model_context, response
@@ -19,7 +20,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 prompts, negatives = parse_prompts(
-                    input_array(request, "PROMPT"), input_array(request, "NEGATIVE_PROMPT"), self.limits
+                    *(input_array(request, spec.name) for spec in wire.PROMPT_INPUTS), self.limits
                 )
                 responses.append(response(self.encoder.encode(prompts, negatives)))
             except InvalidParameter as err:

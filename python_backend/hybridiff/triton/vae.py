@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import wire
 from ..families import get_family
 from ..params import InvalidParameter
 from ..validation import check_vae_latents, model_limits
@@ -21,12 +22,12 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            latents = input_tensor(request, "LATENTS")
+            latents = input_tensor(request, wire.LATENTS.name)
             try:
                 check_vae_latents(None if latents is None else tuple(latents.shape), self.shapes, self.limits)
             except InvalidParameter as err:
                 responses.append(error_response(str(err)))
                 continue
             image = torch.from_numpy(self.decoder.decode(latents))
-            responses.append(response({"IMAGE": image}))
+            responses.append(response({wire.IMAGE.name: image}))
         return responses
