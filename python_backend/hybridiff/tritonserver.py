@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,12 +25,17 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hybridiff.supervisor import Supervisor
 
 __all__ = [
     "TritonServer",
@@ -252,6 +258,10 @@ class TritonServer:
     group so nothing survives. As a context manager it starts, waits until ready, and always stops;
     ``close`` also removes the temp dir holding the default backend dir and log.
 
+    It starts as ``make serve`` does (``hybridiff.admin.admin_args``): on 127.0.0.1, explicit model
+    control, the admin APIs behind ``admin_key`` (random unless given). ``supervise=True`` also runs a
+    ``Supervisor`` thread from ready until stop, which reloads a model whose stub dies.
+
     ``exit_timeout`` (``--exit-timeout-secs``) bounds Triton's graceful shutdown, which otherwise waits
     up to 30 s for every open HTTP connection - including an idle keep-alive one of a client that was
     never closed.
@@ -274,7 +284,12 @@ class TritonServer:
         ready_timeout: float = 120.0,
         exit_timeout: int = 10,
         symlink: bool = True,
+        admin_key: str | None = None,
+        supervise: bool = False,
     ) -> None:
+        from hybridiff.admin import admin_args
+
+
         self.model_repository = Path(model_repository).absolute()
         self._tmpdir: Path | None = None
         self.backend_dir = Path(backend_dir) if backend_dir is not None else self._scratch() / "backends"
@@ -284,7 +299,10 @@ class TritonServer:
         self.http_port = http_port if http_port is not None else next(picked)
         self.grpc_port = grpc_port if grpc_port is not None else next(picked)
         self.metrics_port = metrics_port if metrics_port is not None else next(picked)
-        self.extra_args = (f"--exit-timeout-secs={exit_timeout}", *extra_args)
+        self.admin_key = admin_key if admin_key is not None else secrets.token_urlsafe(32)
+        self.extra_args = (f"--exit-timeout-secs={exit_timeout}", *admin_args(self.admin_key), *extra_args)
+        self.supervise = supervise
+        self.supervisor: Supervisor | None = None
         self.env = env
         self.ready_timeout = ready_timeout
         self.exit_timeout = exit_timeout
@@ -372,6 +390,10 @@ class TritonServer:
                     f"{_tail(self.log_file)}"
                 )
             if self.is_ready():
+                if self.supervise and self.supervisor is None:
+                    from hybridiff.supervisor import Supervisor
+
+                    self.supervisor = Supervisor(self.process.pid, self.http_url, self.admin_key).start()
                 return
             if time.monotonic() > deadline:
                 raise TritonServerError(
@@ -388,6 +410,9 @@ class TritonServer:
         """SIGTERM the process group (graceful: Triton drains, unloads models and ends its stubs, which
         ignore the signal themselves), wait ``timeout`` s (default ``exit_timeout`` + 10), then SIGKILL
         the group and unlink the stubs' shared memory. Returns the server's exit code. Idempotent."""
+        if self.supervisor is not None:  # first, or it would see the stubs go and reload them
+            self.supervisor.stop()
+            self.supervisor = None
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -427,22 +452,94 @@ class TritonServer:
         self.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: prepare the backend dir, then replace this process with tritonserver (foreground).
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the launcher dies, so no server outlives it (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
 
-    ``exec`` makes tritonserver the process ``make``/Docker/the terminal signal directly: Ctrl-C
-    reaches it (and its stubs, which ignore SIGINT and are shut down by the server) with no Python
-    wrapper in between, and its log goes straight to stdout.
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _wait_ready(http_url: str, process: subprocess.Popen[bytes], stop: threading.Event) -> bool:
+    """Poll ``/v2/health/ready`` until 200; False if the server exits or ``stop`` is set first."""
+    while not stop.is_set() and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        stop.wait(0.5)
+    return False
+
+
+def run_supervised(cmd: Sequence[str], env: Mapping[str, str], http_url: str, admin_key: str) -> int:
+    """Run tritonserver as a child and supervise its stubs until it exits; return its exit code.
+
+    The launcher stays the parent (not a separate process) because the stubs are tritonserver's
+    children: the parent knows the server's pid without searching, dies with it, and is the one
+    process that ``make``/Docker/the terminal signals. The server runs in its own session, so a
+    terminal's Ctrl-C reaches it once, forwarded from here; SIGTERM and SIGINT are forwarded.
     """
+    from hybridiff.supervisor import Supervisor
+
+    process = subprocess.Popen(list(cmd), env=dict(env), start_new_session=True, preexec_fn=_die_with_parent)
+    stop = threading.Event()
+
+    def forward(signum: int, _frame: object) -> None:
+        stop.set()
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    supervisor = Supervisor(process.pid, http_url, admin_key)
+
+    def supervise() -> None:
+        if _wait_ready(http_url, process, stop):
+            supervisor.log(f"watching the stubs of tritonserver (pid {process.pid})")
+            supervisor.start()
+
+    watcher = threading.Thread(target=supervise, name="hybridiff-wait-ready", daemon=True)
+    watcher.start()
+    code = process.wait()
+    stop.set()
+    supervisor.stop()
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: prepare the backend dir and the admin key, then run tritonserver in the foreground.
+
+    By default the launcher stays tritonserver's parent and supervises its stubs (``run_supervised``);
+    ``--no-supervise`` replaces this process with tritonserver (``exec``), as before.
+    """
+    from hybridiff.admin import DEFAULT_LISTEN, admin_args, resolve_admin_key
+
     parser = argparse.ArgumentParser(
         prog="python -m hybridiff.tritonserver",
         description="Run the bundled tritonserver in the foreground on a model repository.",
-        epilog="Arguments after '--' are passed to tritonserver unchanged.",
+        epilog="Arguments after '--' are passed to tritonserver unchanged. The admin key is "
+        "HYBRIDIFF_ADMIN_KEY if set, else generated; either way it is written to --admin-key-file (0600).",
     )
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        help="address for HTTP, gRPC and metrics (default: %(default)s; 0.0.0.0 in a container)",
+    )
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        default=Path("build/admin-key"),
+        help="where the admin key is written, readable by its owner only (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-supervise", action="store_true", help="exec tritonserver; nothing brings back a dead stub"
+    )
     parser.add_argument(
         "--backend-dir",
         type=Path,
@@ -456,14 +553,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not args.model_repository.is_dir():
         parser.error(f"model repository {args.model_repository} is not a directory")
+    try:
+        admin_key = resolve_admin_key(args.admin_key_file)
+    except ValueError as err:
+        parser.error(str(err))
     backend_dir = prepare_backend_dir(args.backend_dir, symlink=not args.copy)
     cmd = server_command(
-        args.model_repository, backend_dir, args.http_port, args.grpc_port, args.metrics_port, extra
+        args.model_repository,
+        backend_dir,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        [*admin_args(admin_key, args.listen), *extra],
     )
-    print("+ " + " ".join(cmd), flush=True)
+    print("+ " + " ".join(cmd).replace(admin_key, "<admin-key>"), flush=True)
+    print(f"admin key in {args.admin_key_file} (send it as header 'admin-key')", flush=True)
     sys.stderr.flush()
-    os.execve(cmd[0], cmd, server_env())
-    return 0  # not reached
+    if args.no_supervise:
+        os.execve(cmd[0], cmd, server_env())
+    host = "127.0.0.1" if args.listen in ("0.0.0.0", "::", "") else args.listen
+    host = f"[{host}]" if ":" in host else host
+    return run_supervised(cmd, server_env(), f"{host}:{args.http_port}", admin_key)
 
 
 if __name__ == "__main__":
