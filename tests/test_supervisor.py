@@ -226,3 +226,35 @@ def test_admin_args_restrict_both_protocols_and_listen_where_told() -> None:
     assert "--http-address=0.0.0.0" in admin_args(KEY, "0.0.0.0")
     for open_group in ("inference", "health", "metadata"):
         assert open_group not in groups
+
+
+# --- the launcher's command line (no server: exec is intercepted) ----------------------------------
+
+
+def test_launcher_passes_the_key_and_address_and_keeps_the_key_off_its_output(tmp_path, monkeypatch, capsys):
+    from hybridiff import tritonserver
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    execs: list[list[str]] = []
+    monkeypatch.setattr(tritonserver.os, "execve", lambda path, cmd, env: execs.append(cmd))
+    monkeypatch.setenv(ADMIN_KEY_ENV, "operator-key-0123456789")
+    key_file = tmp_path / "admin-key"
+    tritonserver.main(["--model-repository", str(repo), "--backend-dir", str(tmp_path / "be"), "--no-supervise",
+                       "--admin-key-file", str(key_file), "--listen", "0.0.0.0"])
+    [cmd] = execs
+    assert "--http-address=0.0.0.0" in cmd and "--grpc-address=0.0.0.0" in cmd and "--metrics-address=0.0.0.0" in cmd
+    assert any(a.endswith(":admin-key=operator-key-0123456789") for a in cmd if a.startswith("--http-restricted"))
+    assert key_file.read_text().strip() == "operator-key-0123456789"
+    out = capsys.readouterr().out
+    assert "operator-key-0123456789" not in out and "<admin-key>" in out
+
+
+def test_launcher_refuses_a_bad_key_naming_the_variable(tmp_path, monkeypatch, capsys):
+    from hybridiff import tritonserver
+
+    (tmp_path / "repo").mkdir()
+    monkeypatch.setenv(ADMIN_KEY_ENV, "short")
+    with pytest.raises(SystemExit):
+        tritonserver.main(["--model-repository", str(tmp_path / "repo"), "--admin-key-file", str(tmp_path / "k")])
+    assert ADMIN_KEY_ENV in capsys.readouterr().err

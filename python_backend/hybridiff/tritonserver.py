@@ -571,6 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stderr.flush()
     if args.no_supervise:
         os.execve(cmd[0], cmd, server_env())
+        return 0  # not reached
     host = "127.0.0.1" if args.listen in ("0.0.0.0", "::", "") else args.listen
     host = f"[{host}]" if ":" in host else host
     return run_supervised(cmd, server_env(), f"{host}:{args.http_port}", admin_key)
