@@ -26,7 +26,7 @@ export HF_HUB_OFFLINE := 1
 # python_backend first: a checkout (or git worktree) always runs its own hybridiff, whatever the venv has.
 export PYTHONPATH := $(CURDIR)/python_backend:$(CURDIR)
 
-.PHONY: setup serve test test-fast generate repository checkpoints lint clean bench loadtest chaos
+.PHONY: setup serve test test-fast generate repository checkpoints lint clean bench loadtest chaos ready
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ serve: repository
 	$(PY) -m hybridiff.tritonserver --model-repository model_repository \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
 		--listen $(LISTEN) --admin-key-file $(ADMIN_KEY_FILE)
+
+# Readiness probe (exit 0 only while the server and every model of the repository are ready).
+ready:
+	$(PY) -m hybridiff.readiness --model-repository model_repository --url 127.0.0.1:$(HTTP_PORT)
 
 test: setup
 	$(PY) -m pytest -q -ra

@@ -64,7 +64,7 @@ def failure_reason(error: BaseException | str) -> str:
     for fragment, reason in (
         ("is not healthy", "stub process not healthy (killed while holding the request)"),
         ("is not ready", "model not ready (being brought back)"),
-        ("is not found", "model not found (being brought back)"),
+        ("has no available versions", "family's ensemble unloaded (being brought back)"),
         ("UNAVAILABLE", "unavailable"),
         ("Deadline", "client timeout"),
     ):

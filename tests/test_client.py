@@ -35,6 +35,9 @@ BAD_INPUT = InferenceServerException("HEIGHT must be a multiple of 8 in [64, 102
 
 def test_retryable_errors_are_those_of_a_model_coming_back():
     assert is_retryable(DEAD_STUB) and is_retryable(UNLOADED)
+    assert is_retryable(InferenceServerException("Request for unknown model: 'sdxl' has no available versions",
+                                                 status="StatusCode.NOT_FOUND"))
+    assert not is_retryable(InferenceServerException("Request for unknown model: 'sdx' is not found", status="404"))
     assert is_retryable(InferenceServerException("no devices left", status="StatusCode.UNAVAILABLE"))
     assert not is_retryable(BAD_INPUT)
     assert not is_retryable(ValueError("protocol must be http or grpc"))

@@ -258,3 +258,41 @@ def test_launcher_refuses_a_bad_key_naming_the_variable(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit):
         tritonserver.main(["--model-repository", str(tmp_path / "repo"), "--admin-key-file", str(tmp_path / "k")])
     assert ADMIN_KEY_ENV in capsys.readouterr().err
+
+
+def test_surviving_stubs_of_a_reloaded_model_are_not_watched_as_new(tmp_path: Path) -> None:
+    """Measured on 2.51: after one of two orchestrator instances is killed and the model reloaded, the
+    survivor's stub is still alive next to the new ones for a while. Its exit is no new fault."""
+    proc = tmp_path / "proc"
+    for i in range(2):
+        add_process(proc, 20 + i, stub_argv("sdxl_orchestrator", f"sdxl_orchestrator_0_{i}"))
+    repository = FakeRepository(proc)
+    supervisor, _ = make_supervisor(tmp_path, repository)
+    supervisor.poll_once()
+    kill(proc, 20)
+    supervisor.poll_once()
+    assert set(supervisor.watched["sdxl_orchestrator"]) == {501}  # not the survivor 21
+    kill(proc, 21)  # the survivor goes when Triton finishes unloading the old model
+    assert supervisor.poll_once() == []
+    assert repository.calls.count(("load", "sdxl_orchestrator")) == 1
+
+
+# --- the readiness probe ---------------------------------------------------------------------------
+
+
+def test_probe_names_what_is_not_ready(tmp_path: Path) -> None:
+    from hybridiff.readiness import not_ready, repository_models
+
+    for name in ("sdxl", "sdxl_vae", "sdxl_denoiser_0", "sd3", "sd3_vae"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.pbtxt").write_text("")
+    (tmp_path / "notes").mkdir()  # no config: not a model
+    assert repository_models(tmp_path) == ["sd3", "sd3_vae", "sdxl", "sdxl_denoiser_0", "sdxl_vae"]
+    assert repository_models(tmp_path, "sdxl") == ["sdxl", "sdxl_denoiser_0", "sdxl_vae"]
+
+    # Triton after the supervisor unloaded sdxl_vae: the server says ready again, the model does not.
+    answers = {"/v2/health/ready": True, "/v2/models/sdxl_vae/ready": False}
+    models = repository_models(tmp_path, "sdxl")
+    assert not_ready(models, lambda path: answers.get(path, True)) == ["sdxl_vae"]
+    assert not_ready(models, lambda path: True) == []
+    assert not_ready(["sd3"], lambda path: False) == ["server", "sd3"]

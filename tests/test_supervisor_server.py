@@ -18,6 +18,7 @@ from client.generate import generate, generate_with_retry, is_retryable, make_cl
 from export.make_repository import Deployment, write_repository
 from hybridiff.admin import ADMIN_HEADER, GRPC_ADMIN_METADATA
 from hybridiff.params import Limits
+from hybridiff.readiness import http_ready, not_ready, repository_models
 from hybridiff.supervisor import Recovery, scan_stubs
 from hybridiff.tritonserver import TritonServer
 
@@ -131,12 +132,17 @@ def test_inference_health_metadata_and_metrics_stay_open(server):
 
 
 def test_the_server_listens_on_loopback_only(server):
-    assert "--http-address=127.0.0.1" in server.command()
-    listening = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    ours = {server.http_port, server.grpc_port, server.metrics_port}
-    addresses = {int(f.split()[1].split(":")[1], 16): f.split()[1].split(":")[0] for f in listening
-                 if f.split()[3] == "0A"}  # state LISTEN
-    assert {addresses[p] for p in ours} == {"0100007F"}  # 127.0.0.1
+    """Every port of the server is bound to a loopback address (IPv4, or IPv4-mapped IPv6), none to 0.0.0.0."""
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+    bound: dict[int, set[str]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # LISTEN
+                address, port = local.split(":")
+                bound.setdefault(int(port, 16), set()).add(address)
+    for port in (server.http_port, server.grpc_port, server.metrics_port):
+        assert bound.get(port) and bound[port] <= loopback, (port, bound.get(port))
 
 
 # --- self-healing ----------------------------------------------------------------------------------
@@ -153,11 +159,17 @@ def test_killed_denoiser_is_not_ready_until_brought_back_then_serves_every_mode(
     assert time.monotonic() - started <= RECOVERY_S
 
 
-def test_server_readiness_is_false_while_a_model_is_down(server):
+def test_readiness_probe_fails_until_the_model_is_back(server):
+    """The probe (every model of the repository ready) is what tells the truth: Triton's own server
+    readiness is 400 only while the unload runs, and the ensemble's follows its composing models only
+    because Triton unloads it with them."""
+    models = repository_models(server.model_repository, "sdxl")
+    ready = http_ready(server.http_url)
+    assert not_ready(models, ready) == []
     [pid] = stub_pids(server, "sdxl_denoiser_0")
     os.kill(pid, signal.SIGKILL)
-    assert wait_for(lambda: not server.is_ready(), 10.0)
-    assert wait_for(server.is_ready, RECOVERY_S, 0.5)
+    assert wait_for(lambda: "sdxl_denoiser_0" in not_ready(models, ready), 10.0)
+    assert wait_for(lambda: not_ready(models, ready) == [], RECOVERY_S, 0.5)
     assert call(server, mode="cfg_parallel").schedules[0]["mode_run"] == "cfg_parallel"
 
 

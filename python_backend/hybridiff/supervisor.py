@@ -190,6 +190,9 @@ class Supervisor:
         self.pending: dict[str, Recovery] = {}  # dead models not loaded again yet
         self.next_attempt: dict[str, float] = {}
         self.history: list[Recovery] = []
+        # Stubs of a model that was unloaded: the survivors of a partly dead model exit some time after
+        # the unload (or after the new stubs start); they must not be watched as the new ones.
+        self.retired: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -198,9 +201,11 @@ class Supervisor:
 
     def _watch_new(self, live: Mapping[int, Stub]) -> None:
         """Start watching models whose stubs appeared (server start, or a model loaded later)."""
+        self.retired &= set(live)  # forget the pids that are gone (a pid may be reused later)
         for model, pids in group_by_model(live).items():
-            if model not in self.watched and model not in self.pending:
-                self.watched[model] = {pid: live[pid] for pid in pids}
+            fresh = pids - self.retired
+            if fresh and model not in self.watched and model not in self.pending:
+                self.watched[model] = {pid: live[pid] for pid in fresh}
 
     def poll_once(self) -> list[str]:
         """Detect dead models, make them not ready, try to load the due ones; return the models found dead."""
@@ -208,7 +213,9 @@ class Supervisor:
         dead = dead_models({m: set(s) for m, s in self.watched.items()}, live)
         now = time.monotonic()
         for model in dead:
-            lost = [stub for pid, stub in self.watched.pop(model).items() if pid not in live]
+            stubs = self.watched.pop(model)
+            lost = [stub for pid, stub in stubs.items() if pid not in live]
+            self.retired |= set(stubs)
             recovery = Recovery(model, sorted(s.instance for s in lost), now)
             self.log(f"{model}: stub {', '.join(f'{s.instance} (pid {s.pid})' for s in lost)} died; unloading")
             status, body = self.repository.unload(model)
