@@ -178,7 +178,9 @@ def test_killed_text_encoder_vae_and_orchestrator_come_back(server, model):
     instances = len(stub_pids(server, model))
     recovery, _ = kill_and_wait(server, model)
     assert len(recovery.instances) == 1
-    assert len(stub_pids(server, model)) == instances  # every instance is back
+    # Every instance is back, and no old one is left over (the survivors of a partly dead model exit
+    # once Triton has finished unloading it).
+    assert wait_for(lambda: len(stub_pids(server, model)) == instances, 30.0, 0.5), stub_pids(server, model)
     assert call(server, "grpc", mode="hybrid").images.shape == (1, 64, 64, 3)
 
 
