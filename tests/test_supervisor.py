@@ -296,3 +296,14 @@ def test_probe_names_what_is_not_ready(tmp_path: Path) -> None:
     assert not_ready(models, lambda path: answers.get(path, True)) == ["sdxl_vae"]
     assert not_ready(models, lambda path: True) == []
     assert not_ready(["sd3"], lambda path: False) == ["server", "sd3"]
+
+
+def test_nothing_is_reloaded_once_a_stop_is_requested(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    add_process(proc, 11, stub_argv("sdxl_vae", "sdxl_vae_0_0"))
+    repository = FakeRepository(proc)
+    supervisor, _ = make_supervisor(tmp_path, repository)
+    supervisor.poll_once()
+    supervisor.request_stop()  # the server got SIGTERM: its stubs exit now
+    kill(proc, 11)
+    assert supervisor.poll_once() == [] and repository.calls == []

@@ -209,6 +209,8 @@ class Supervisor:
 
     def poll_once(self) -> list[str]:
         """Detect dead models, make them not ready, try to load the due ones; return the models found dead."""
+        if self._stop.is_set():  # the server is shutting down: its stubs go, nothing is to be reloaded
+            return []
         live = scan_stubs(self.server_pid, self.proc_root)
         dead = dead_models({m: set(s) for m, s in self.watched.items()}, live)
         now = time.monotonic()
@@ -279,7 +281,12 @@ class Supervisor:
         self._thread.start()
         return self
 
+    def request_stop(self) -> None:
+        """Stop after the current step, without waiting (safe in a signal handler)."""
+        self._stop.set()
+
     def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop and wait for the thread (at most ``timeout_s``: a load under way is not interrupted)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)

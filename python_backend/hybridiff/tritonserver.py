@@ -289,7 +289,6 @@ class TritonServer:
     ) -> None:
         from hybridiff.admin import admin_args
 
-
         self.model_repository = Path(model_repository).absolute()
         self._tmpdir: Path | None = None
         self.backend_dir = Path(backend_dir) if backend_dir is not None else self._scratch() / "backends"
@@ -411,6 +410,7 @@ class TritonServer:
         ignore the signal themselves), wait ``timeout`` s (default ``exit_timeout`` + 10), then SIGKILL
         the group and unlink the stubs' shared memory. Returns the server's exit code. Idempotent."""
         if self.supervisor is not None:  # first, or it would see the stubs go and reload them
+            self.supervisor.request_stop()
             self.supervisor.stop()
             self.supervisor = None
         if self.process is None:
@@ -488,12 +488,13 @@ def run_supervised(cmd: Sequence[str], env: Mapping[str, str], http_url: str, ad
 
     def forward(signum: int, _frame: object) -> None:
         stop.set()
+        supervisor.request_stop()  # the stubs are about to go; they must not be reloaded
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signum)
 
+    supervisor = Supervisor(process.pid, http_url, admin_key)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
-    supervisor = Supervisor(process.pid, http_url, admin_key)
 
     def supervise() -> None:
         if _wait_ready(http_url, process, stop):
