@@ -5,10 +5,10 @@ fails with INTERNAL "Stub process ... is not healthy" while its ready endpoint s
 supervisor watches tritonserver's children: each ``triton_python_backend_stub`` names its model's
 ``model.py`` (``<repository>/<model>/<version>/model.py``) and its instance on its command line,
 and a killed stub stays a zombie (Triton does not reap it). When any stub of a model is gone, the
-supervisor unloads the model (its ready endpoint, and with ``--strict-readiness`` the server's
-``/v2/health/ready``, then answer 400 at once, and new requests fail fast with "not ready"
-instead of reaching the dead process), then loads it again through the repository API with the
-admin key. A load that fails is retried with a bounded back-off; the model stays unloaded (not
+supervisor unloads the model (its ready endpoint then answers 400 until it is loaded again, and
+new requests fail fast with "not ready" instead of reaching the dead process), then loads it
+again through the repository API with the admin key. Unload first: Triton 2.51 ignores a load of a
+model that is loaded with an unchanged configuration, dead stub or not. A load that fails is retried with a bounded back-off; the model stays unloaded (not
 ready) meanwhile.
 
 Decisions are plain functions (``parse_stub``, ``dead_models``, ``retry_delay``); ``Supervisor``
