@@ -8,8 +8,8 @@ and a killed stub stays a zombie (Triton does not reap it). When any stub of a m
 supervisor unloads the model (its ready endpoint then answers 400 until it is loaded again, and
 new requests fail fast with "not ready" instead of reaching the dead process), then loads it
 again through the repository API with the admin key. Unload first: Triton 2.51 ignores a load of a
-model that is loaded with an unchanged configuration, dead stub or not. A load that fails is retried with a bounded back-off; the model stays unloaded (not
-ready) meanwhile.
+model that is loaded with an unchanged configuration, dead stub or not. A load that fails is
+retried with a bounded back-off; the model stays unloaded (not ready) meanwhile.
 
 Decisions are plain functions (``parse_stub``, ``dead_models``, ``retry_delay``); ``Supervisor``
 is the loop around them.
