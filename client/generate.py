@@ -1,12 +1,16 @@
 """Send a prompt to the server over HTTP or gRPC, write the PNG, print the schedule and latency.
 
     python -m client.generate --prompt "a red fox" --mode hybrid --protocol grpc --out fox.png
+
+``--timeout`` bounds the whole run on the server (Triton's ``timeout`` request parameter) and the
+wait here. Over gRPC, Ctrl-C cancels the request on the server, which stops within one step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,18 +80,74 @@ def make_client(protocol: str, url: str | None = None, **kwargs):
     return _module(protocol).InferenceServerClient(url or DEFAULT_URLS[protocol], **kwargs)
 
 
-def generate(client, protocol: str, model: str, prompts: list[str], timeout_s: float | None = None, **fields):
-    """One request; raises tritonclient's InferenceServerException on a server-side error."""
-    module = _module(protocol)
-    outputs = [module.InferRequestedOutput("IMAGE"), module.InferRequestedOutput("SCHEDULE")]
-    kwargs = {}
-    if timeout_s is not None:
-        kwargs = {"timeout": int(timeout_s * 1e6)} if protocol == "http" else {"client_timeout": timeout_s}
-    started = time.perf_counter()
-    result = client.infer(model, build_inputs(protocol, prompts, **fields), outputs=outputs, **kwargs)
+def _requested_outputs(module) -> list:
+    return [module.InferRequestedOutput("IMAGE"), module.InferRequestedOutput("SCHEDULE")]
+
+
+def _generation(result, started: float) -> Generation:
     latency = time.perf_counter() - started
     schedules = [json.loads(s) for s in result.as_numpy("SCHEDULE").reshape(-1)]
     return Generation(result.as_numpy("IMAGE"), schedules, latency)
+
+
+class PendingGeneration:
+    """A gRPC request in flight: :meth:`result` waits for it, :meth:`cancel` cancels it on the server."""
+
+    def __init__(self, client, model: str, inputs: list, timeout_s: float | None) -> None:
+        import tritonclient.grpc as module
+
+        self._done = threading.Event()
+        self._result = self._error = None
+        # The client waits a little longer than the server may run, to receive its deadline error.
+        kwargs = {} if timeout_s is None else {"timeout": int(timeout_s * 1e6), "client_timeout": timeout_s + 5.0}
+        self._started = time.perf_counter()
+        self._call = client.async_infer(model, inputs, self._finish, outputs=_requested_outputs(module), **kwargs)
+
+    def _finish(self, result, error) -> None:
+        self._result, self._error = result, error
+        self._done.set()
+
+    def done(self, wait_s: float = 0.0) -> bool:
+        return self._done.wait(wait_s)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def result(self, wait_s: float | None = None) -> Generation:
+        """The images; raises InferenceServerException on a server error (CANCELLED after a cancel)."""
+        if not self._done.wait(wait_s):
+            raise TimeoutError(f"no answer within {wait_s} s")
+        if self._error is not None:
+            raise self._error
+        return _generation(self._result, self._started)
+
+
+def start_generate(client, model: str, prompts: list[str], timeout_s: float | None = None, **fields):
+    """Send one request over gRPC without waiting (``client`` is a tritonclient.grpc client)."""
+    return PendingGeneration(client, model, build_inputs("grpc", prompts, **fields), timeout_s)
+
+
+def generate(client, protocol: str, model: str, prompts: list[str], timeout_s: float | None = None, **fields):
+    """One request; raises tritonclient's InferenceServerException on a server-side error.
+
+    ``timeout_s`` bounds the run on the server as well as the wait here. Over gRPC an interrupt
+    (Ctrl-C) while waiting cancels the request on the server before it propagates.
+    """
+    if protocol == "grpc":
+        pending = start_generate(client, model, prompts, timeout_s, **fields)
+        try:
+            while not pending._done.wait(0.1):
+                pass
+        except KeyboardInterrupt:
+            pending.cancel()
+            raise
+        return pending.result()
+    module = _module(protocol)
+    kwargs = {} if timeout_s is None else {"timeout": int(timeout_s * 1e6)}
+    started = time.perf_counter()
+    inputs = build_inputs(protocol, prompts, **fields)
+    result = client.infer(model, inputs, outputs=_requested_outputs(module), **kwargs)
+    return _generation(result, started)
 
 
 def save_png(image: np.ndarray, path: Path) -> None:
@@ -116,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", help="host:port (default localhost:8000 for http, :8001 for grpc)")
     parser.add_argument("--out", type=Path, default=Path("out/image.png"))
     parser.add_argument("--show-curve", action="store_true", help="also print the rel-MAE curve")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds the whole run may take on the server")
     for field, (_, dtype) in FIELDS.items():
         kind = {np.object_: str, np.int64: int, np.float64: float}[dtype]
         parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=None)
@@ -123,7 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     fields = {field: getattr(args, field) for field in FIELDS}
     client = make_client(args.protocol, args.url)
     try:
-        result = generate(client, args.protocol, args.family, [args.prompt], **fields)
+        result = generate(client, args.protocol, args.family, [args.prompt], timeout_s=args.timeout, **fields)
+    except KeyboardInterrupt:
+        cancelled = ": request cancelled on the server" if args.protocol == "grpc" else ""
+        raise SystemExit(f"interrupted{cancelled}") from None
     finally:
         client.close()
     for i, (image, schedule) in enumerate(zip(result.images, result.schedules, strict=True)):
