@@ -165,6 +165,9 @@ def _summary(schedule: dict) -> str:
     parts.append("steps " + ", ".join(f"{k} {v}" for k, v in schedule["phase_steps"].items()))
     parts.append("time " + ", ".join(f"{k} {v:.3f}s" for k, v in schedule["phase_seconds"].items()))
     parts.append(f"overhead {schedule['overhead_seconds']:.3f}s (load checks {schedule['placement_seconds']:.4f}s)")
+    for failover in schedule.get("failover", []):
+        parts.append(f"device {failover['device']} failed at step {failover['step']}, "
+                     f"went on on device {failover['continued_on']}")
     return "; ".join(parts)
 
 

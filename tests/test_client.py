@@ -14,3 +14,13 @@ def test_summary_reports_mode_phases_and_the_cost_of_load_checks():
     assert line.startswith("mode hybrid (asked auto); tau1=15 tau2=20 (slope)")
     assert "steps partition 45, warmup 1, pipeline 4" in line
     assert line.endswith("overhead 0.210s (load checks 0.0035s)")
+
+
+def test_summary_reports_a_failover():
+    schedule = {
+        "mode_run": "serial", "mode_requested": "cfg_parallel", "tau1": None, "tau2": None, "tau_source": None,
+        "phase_steps": {"partition": 3, "serial": 5}, "phase_seconds": {"partition": 1.0, "serial": 2.0},
+        "overhead_seconds": 0.1, "placement_seconds": 0.0,
+        "failover": [{"device": 1, "step": 3, "continued_on": 0}],
+    }
+    assert _summary(schedule).endswith("device 1 failed at step 3, went on on device 0")

@@ -274,3 +274,13 @@ def test_which_errors_mean_the_device_is_gone(code, message, gone):
     from hybridiff.triton.orchestrator import device_gone
 
     assert device_gone(code, message) is gone
+
+
+def test_a_run_stopped_by_an_error_releases_its_devices(tmp_path):
+    """A cancelled or timed-out run raises out of the loop: its devices must not stay busy on the board."""
+    board = LoadBoard(tmp_path / "board.json", 2)
+    with pytest.raises(RuntimeError, match="cancelled"):
+        with board.occupy(lambda loads, up: (None, (0, 1))):
+            assert board.loads() == [1, 1]
+            raise RuntimeError("cancelled")
+    assert board.loads() == [0, 0]

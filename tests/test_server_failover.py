@@ -132,6 +132,8 @@ def test_a_denoiser_killed_mid_request_fails_over_to_the_serial_image(server, se
     assert schedule["phases"][failover["step"]:] == ["serial"] * (STEPS - failover["step"])
     assert schedule["mode_requested"] == mode and schedule["devices"] == [0]
     assert max_pixel_diff(result.images[0], serial_image) <= 1
+    metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    assert any(line.startswith("hybridiff_failovers_total{") and 'device="1"' in line for line in metrics.splitlines())
     # The dead device is marked down: the next request goes to the surviving one at once.
     after = call(server, mode=mode, steps=3, **knobs).schedules[0]
     assert after["devices"] == [0] and after["failover"] == [] and after["mode_run"] == "serial"
