@@ -1,12 +1,16 @@
 """Send a prompt to the server over HTTP or gRPC, write the PNG, print the schedule and latency.
 
     python -m client.generate --prompt "a red fox" --mode hybrid --protocol grpc --out fox.png
+
+``--timeout`` bounds the whole run on the server (Triton's ``timeout`` request parameter) and the
+wait here. Over gRPC, Ctrl-C cancels the request on the server, which stops within one step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,18 +71,74 @@ def make_client(protocol: str, url: str | None = None, **kwargs):
     return _module(protocol).InferenceServerClient(url or DEFAULT_URLS[protocol], **kwargs)
 
 
-def generate(client, protocol: str, model: str, prompts: list[str], timeout_s: float | None = None, **fields):
-    """One request; raises tritonclient's InferenceServerException on a server-side error."""
-    module = _module(protocol)
-    outputs = [module.InferRequestedOutput("IMAGE"), module.InferRequestedOutput("SCHEDULE")]
-    kwargs = {}
-    if timeout_s is not None:
-        kwargs = {"timeout": int(timeout_s * 1e6)} if protocol == "http" else {"client_timeout": timeout_s}
-    started = time.perf_counter()
-    result = client.infer(model, build_inputs(protocol, prompts, **fields), outputs=outputs, **kwargs)
+def _requested_outputs(module) -> list:
+    return [module.InferRequestedOutput("IMAGE"), module.InferRequestedOutput("SCHEDULE")]
+
+
+def _generation(result, started: float) -> Generation:
     latency = time.perf_counter() - started
     schedules = [json.loads(s) for s in result.as_numpy("SCHEDULE").reshape(-1)]
     return Generation(result.as_numpy("IMAGE"), schedules, latency)
+
+
+class PendingGeneration:
+    """A gRPC request in flight: :meth:`result` waits for it, :meth:`cancel` cancels it on the server."""
+
+    def __init__(self, client, model: str, inputs: list, timeout_s: float | None) -> None:
+        import tritonclient.grpc as module
+
+        self._done = threading.Event()
+        self._result = self._error = None
+        # The client waits a little longer than the server may run, to receive its deadline error.
+        kwargs = {} if timeout_s is None else {"timeout": int(timeout_s * 1e6), "client_timeout": timeout_s + 5.0}
+        self._started = time.perf_counter()
+        self._call = client.async_infer(model, inputs, self._finish, outputs=_requested_outputs(module), **kwargs)
+
+    def _finish(self, result, error) -> None:
+        self._result, self._error = result, error
+        self._done.set()
+
+    def done(self, wait_s: float = 0.0) -> bool:
+        return self._done.wait(wait_s)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def result(self, wait_s: float | None = None) -> Generation:
+        """The images; raises InferenceServerException on a server error (CANCELLED after a cancel)."""
+        if not self._done.wait(wait_s):
+            raise TimeoutError(f"no answer within {wait_s} s")
+        if self._error is not None:
+            raise self._error
+        return _generation(self._result, self._started)
+
+
+def start_generate(client, model: str, prompts: list[str], timeout_s: float | None = None, **fields):
+    """Send one request over gRPC without waiting (``client`` is a tritonclient.grpc client)."""
+    return PendingGeneration(client, model, build_inputs("grpc", prompts, **fields), timeout_s)
+
+
+def generate(client, protocol: str, model: str, prompts: list[str], timeout_s: float | None = None, **fields):
+    """One request; raises tritonclient's InferenceServerException on a server-side error.
+
+    ``timeout_s`` bounds the run on the server as well as the wait here. Over gRPC an interrupt
+    (Ctrl-C) while waiting cancels the request on the server before it propagates.
+    """
+    if protocol == "grpc":
+        pending = start_generate(client, model, prompts, timeout_s, **fields)
+        try:
+            while not pending._done.wait(0.1):
+                pass
+        except KeyboardInterrupt:
+            pending.cancel()
+            raise
+        return pending.result()
+    module = _module(protocol)
+    kwargs = {} if timeout_s is None else {"timeout": int(timeout_s * 1e6)}
+    started = time.perf_counter()
+    inputs = build_inputs(protocol, prompts, **fields)
+    result = client.infer(model, inputs, outputs=_requested_outputs(module), **kwargs)
+    return _generation(result, started)
 
 
 # What Triton 2.51 answers while a model is down and being brought back (measured, docs/operations.md):
@@ -89,17 +149,22 @@ def generate(client, protocol: str, model: str, prompts: list[str], timeout_s: f
 # process that held the request is gone. All of these pass once the model is back, so they are retried.
 RETRYABLE_MESSAGES = ("is not healthy", "is not ready", "has no available versions")
 RETRYABLE_STATUSES = ("StatusCode.UNAVAILABLE", "503")
+# The run's own deadline passed (answered UNAVAILABLE, as Triton's queue timeouts are): the same request
+# with the same timeout would only run out again.
+NOT_RETRYABLE_MESSAGE = "deadline exceeded"
 
 
 def is_retryable(error: BaseException) -> bool:
     """True for a failure that a later try may not meet: a model down or being reloaded, a busy server."""
+    message = getattr(error, "message", None)
+    text = (message() if callable(message) else str(error)) or ""
+    if NOT_RETRYABLE_MESSAGE in text:
+        return False
     status = getattr(error, "status", None)
     status = status() if callable(status) else None
     if status in RETRYABLE_STATUSES:
         return True
-    message = getattr(error, "message", None)
-    text = message() if callable(message) else str(error)
-    return any(fragment in (text or "") for fragment in RETRYABLE_MESSAGES)
+    return any(fragment in text for fragment in RETRYABLE_MESSAGES)
 
 
 def backoff_delays(retries: int, base_s: float = 1.0, cap_s: float = 16.0) -> list[float]:
@@ -156,6 +221,9 @@ def _summary(schedule: dict) -> str:
     parts.append("steps " + ", ".join(f"{k} {v}" for k, v in schedule["phase_steps"].items()))
     parts.append("time " + ", ".join(f"{k} {v:.3f}s" for k, v in schedule["phase_seconds"].items()))
     parts.append(f"overhead {schedule['overhead_seconds']:.3f}s (load checks {schedule['placement_seconds']:.4f}s)")
+    for failover in schedule.get("failover", []):
+        parts.append(f"device {failover['device']} failed at step {failover['step']}, "
+                     f"went on on device {failover['continued_on']}")
     return "; ".join(parts)
 
 
@@ -167,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", help="host:port (default localhost:8000 for http, :8001 for grpc)")
     parser.add_argument("--out", type=Path, default=Path("out/image.png"))
     parser.add_argument("--show-curve", action="store_true", help="also print the rel-MAE curve")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds the whole run may take on the server")
     parser.add_argument("--retries", type=int, default=4,
                         help="retries after a retryable failure (a model being brought back), with back-off")
     for field, spec in request_fields().items():
@@ -176,9 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     client = make_client(args.protocol, args.url)
     try:
         result = generate_with_retry(
-            client, args.protocol, args.family, [args.prompt], retries=args.retries,
+            client, args.protocol, args.family, [args.prompt], retries=args.retries, timeout_s=args.timeout,
             on_retry=lambda n, err, delay: print(f"try {n} failed ({err}); retrying in {delay:.0f} s"), **fields,
         )
+    except KeyboardInterrupt:
+        cancelled = ": request cancelled on the server" if args.protocol == "grpc" else ""
+        raise SystemExit(f"interrupted{cancelled}") from None
     finally:
         client.close()
     for i, (image, schedule) in enumerate(zip(result.images, result.schedules, strict=True)):

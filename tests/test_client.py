@@ -40,6 +40,8 @@ def test_retryable_errors_are_those_of_a_model_coming_back():
     assert not is_retryable(InferenceServerException("Request for unknown model: 'sdx' is not found", status="404"))
     assert is_retryable(InferenceServerException("no devices left", status="StatusCode.UNAVAILABLE"))
     assert not is_retryable(BAD_INPUT)
+    deadline = "deadline exceeded: the request's timeout of 2 s passed before step 3 (Request timeout expired)"
+    assert not is_retryable(InferenceServerException(deadline, status="StatusCode.UNAVAILABLE"))
     assert not is_retryable(ValueError("protocol must be http or grpc"))
 
 
@@ -85,3 +87,13 @@ def test_generate_with_retry_gives_up_after_its_retries_and_never_retries_bad_in
     with pytest.raises(InferenceServerException, match="HEIGHT"):
         generate_with_retry(None, "http", "sdxl", ["p"], sleep=lambda s: None)
     assert len(calls) == 1
+
+
+def test_summary_reports_a_failover():
+    schedule = {
+        "mode_run": "serial", "mode_requested": "cfg_parallel", "tau1": None, "tau2": None, "tau_source": None,
+        "phase_steps": {"partition": 3, "serial": 5}, "phase_seconds": {"partition": 1.0, "serial": 2.0},
+        "overhead_seconds": 0.1, "placement_seconds": 0.0,
+        "failover": [{"device": 1, "step": 3, "continued_on": 0}],
+    }
+    assert _summary(schedule).endswith("device 1 failed at step 3, went on on device 0")

@@ -41,10 +41,10 @@ def test_explicit_modes_are_kept_and_spread(mode):
 def test_board_counts_and_releases(tmp_path):
     board = LoadBoard(tmp_path / "board.json", 2)
     assert board.loads() == [0, 0]
-    with board.occupy(lambda loads: (place_request(Mode.AUTO, loads, True), (0, 1))) as first:
+    with board.occupy(lambda loads, up: (place_request(Mode.AUTO, loads, True), (0, 1))) as first:
         assert first.decision.mode is Mode.HYBRID
         assert board.loads() == [1, 1]
-        with board.occupy(lambda loads: ("second", (place_request(Mode.AUTO, loads, True).device,))) as second:
+        with board.occupy(lambda loads, up: ("second", (place_request(Mode.AUTO, loads, True).device,))) as second:
             assert second.decision == "second"
             assert board.loads() == [2, 1]
             first.update((1,))
@@ -55,7 +55,7 @@ def test_board_counts_and_releases(tmp_path):
 
 def _hold(path: str, ready, release) -> None:
     board = LoadBoard(path, 2)
-    with board.occupy(lambda loads: (None, (1,))):
+    with board.occupy(lambda loads, up: (None, (1,))):
         ready.set()
         release.wait(10)
 
@@ -78,7 +78,7 @@ def test_reading_the_loads_does_not_write_the_board(tmp_path):
     """An auto run reads the board before every step: a read must not rewrite the file (a write on a
     disk-backed /tmp can wait for the journal, tens of ms in the server)."""
     board = LoadBoard(tmp_path / "board.json", 2)
-    with board.occupy(lambda loads: (None, (0,))):
+    with board.occupy(lambda loads, up: (None, (0,))):
         before = (board.path.read_text(), board.path.stat().st_mtime_ns)
         for _ in range(3):
             assert board.loads() == [1, 0]

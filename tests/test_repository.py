@@ -106,3 +106,22 @@ def test_committed_repository_is_what_make_repository_writes(tmp_path):
             committed = REPO / "model_repository" / path.relative_to(out)
             assert committed.exists(), f"{committed} missing: run `make repository`"
             assert committed.read_text() == path.read_text(), f"{committed} is stale: run `make repository`"
+
+
+def test_model_py_serves_the_hybridiff_on_pythonpath_although_the_stub_runs_isolated(tmp_path):
+    """The stub's interpreter ignores PYTHONPATH (isolated config, like ``python -I``); model.py honours it."""
+    import os
+    import subprocess
+    import sys
+
+    repo = write_repository(tmp_path / "r", {"sdxl": tmp_path / "ckpt"}, Deployment(devices=1))
+    fake = tmp_path / "checkout" / "hybridiff" / "triton"
+    fake.mkdir(parents=True)
+    for folder in (fake.parent, fake):
+        (folder / "__init__.py").write_text("")
+    (fake / "denoiser.py").write_text("TritonPythonModel = 'from the checkout'\n")
+    model_py = repo / "sdxl_denoiser_0" / "1" / "model.py"
+    code = f"exec(open({str(model_py)!r}).read()); print(TritonPythonModel)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "checkout")}
+    done = subprocess.run([sys.executable, "-I", "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "from the checkout", done.stderr

@@ -136,9 +136,9 @@ def test_pipeline_mode_keeps_cfg_batch_in_each_stage():
 ])
 def test_without_guidance_modes_fall_back_and_say_so(mode, expected):
     schedule = GuidanceSchedule(mode, 3, SDXL_KNOBS, guidance=False)
-    run(schedule, [0.0] * 3)
+    phases = run(schedule, [0.0] * 3)
     assert schedule.effective_mode is expected
-    assert schedule.summary()["mode_run"] == expected.value
+    assert schedule.summary(phases)["mode_run"] == expected.value
     for t in range(3):
         assert all(a.branches == (COND,) for a in schedule.plan(t).assignments)
 
@@ -163,8 +163,8 @@ def test_invalid_knobs_name_the_field(field, value, message):
 
 def test_summary_counts_phase_steps():
     schedule = GuidanceSchedule(Mode.HYBRID, 20, HybridKnobs(3, 1e-3, 3, 40), guidance=True)
-    run(schedule, falling_then_flat(20, knee=4))
-    summary = schedule.summary()
+    phases = run(schedule, falling_then_flat(20, knee=4))
+    summary = schedule.summary(phases)
     assert summary["phase_steps"] == {"partition": 17, "warmup": 1, "pipeline": 2}
     assert summary["rel_mae"][7] is not None  # warm-up has both branches
     assert summary["rel_mae"][8] is None  # pipeline steps have no unconditional prediction
@@ -174,19 +174,21 @@ def test_auto_hybrid_yields_a_device_when_others_arrive_before_its_pipeline():
     from hybridiff.schedule import yield_device
 
     knobs = HybridKnobs(window=3, eps_slope=1e-3, k=2, tau_cap=40)
-    schedule = GuidanceSchedule(Mode.HYBRID, 20, knobs, guidance=True, pair=(0, 1))
+    schedule = GuidanceSchedule(Mode.HYBRID, 20, knobs, guidance=True, pair=(0, 1), mode_requested=Mode.AUTO)
     assert yield_device(schedule, 0, [1, 1]) is None  # alone on its pair: keep both devices
     assert yield_device(schedule, 0, [2, 1]) == 1  # a newcomer on device 0: finish alone on device 1
     curve = falling_then_flat(20, knee=4)
+    phases = []
     for t in range(3):
-        schedule.plan(t)
+        phases.append(schedule.plan(t).phase)
         schedule.observe(t, curve[t])
     schedule.continue_serially(3, 1)
     for t in range(3, 20):
         plan = schedule.plan(t)
+        phases.append(plan.phase)
         assert [(a.device, a.branches) for a in plan.assignments] == [(1, (UNCOND, COND))]
         schedule.observe(t, curve[t])
-    summary = schedule.summary()
+    summary = schedule.summary(phases)
     assert summary["mode_run"] == "serial" and summary["serial_from_step"] == 3
     assert summary["phase_steps"] == {"partition": 3, "serial": 17}
     assert summary["tau1"] is None  # no pipeline ran: the image is a serial run's
@@ -196,7 +198,7 @@ def test_a_hybrid_in_its_pipeline_phase_keeps_its_devices():
     from hybridiff.schedule import may_yield, yield_device
 
     knobs = HybridKnobs(window=3, eps_slope=1e-3, k=3, tau_cap=40)
-    schedule = GuidanceSchedule(Mode.HYBRID, 20, knobs, guidance=True)
+    schedule = GuidanceSchedule(Mode.HYBRID, 20, knobs, guidance=True, mode_requested=Mode.AUTO)
     run(schedule, falling_then_flat(20, knee=4))  # tau1 = 6
     assert yield_device(schedule, 7, [2, 2]) is None
     assert may_yield(schedule, 6) and not may_yield(schedule, 7)  # the orchestrator stops reading loads

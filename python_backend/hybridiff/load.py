@@ -1,23 +1,34 @@
-"""Requests in flight per device, shared by every orchestrator process of one server.
+"""Requests in flight per device, and devices that are down, shared by every orchestrator process.
 
-Mechanism only: the policy that reads it is :func:`hybridiff.schedule.place_request`. Each
-orchestrator instance is its own process (and SDXL and SD3 share the same devices), so the
-counts live in a small JSON file under a lock. Entries name their process, and entries of dead
-processes are dropped on read, so a crashed instance cannot leave a device looking busy.
+Mechanism only: the policy that reads it is :func:`hybridiff.schedule.place_request` (and
+:func:`~hybridiff.schedule.failover_device`). Each orchestrator instance is its own process (and
+SDXL and SD3 share the same devices), so the state lives in a small JSON file under a lock.
+Entries name their process, and entries of dead processes are dropped on read, so a crashed
+instance cannot leave a device looking busy. A device marked down counts as up again
+:data:`DOWN_RETRY_SECONDS` after its mark, for one request (the probe): a success clears the mark,
+a failure renews it. A board that cannot be parsed is reset, with a log line.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BOARD_PREFIX = "hybridiff-load-"  # then the server's pid
+# How long a device marked down is avoided before one request tries it again. Short against the
+# time a supervisor needs to bring a stub back, long against the cost of one failed call.
+DOWN_RETRY_SECONDS = 10.0
+
+log = logging.getLogger(__name__)
 
 
 def default_board_path() -> Path:
@@ -56,41 +67,88 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@dataclass
+class _State:
+    """The board's content: requests in flight (key -> pid, devices) and down marks (device -> time)."""
+
+    entries: dict[str, dict] = field(default_factory=dict)
+    down: dict[int, float] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"entries": self.entries, "down": {str(d): t for d, t in self.down.items()}})
+
+
+def _parse(text: str) -> _State:
+    """The board's state; raises ValueError when the text is not a board."""
+    if not text.strip():
+        return _State()
+    data = json.loads(text)
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), dict) for k in ("entries", "down")):
+        raise ValueError("not an in-flight board (expected keys 'entries' and 'down')")
+    entries = {}
+    for key, entry in data["entries"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("pid"), int):
+            raise ValueError(f"entry {key!r} has no pid")
+        if not isinstance(entry.get("devices"), list) or not all(isinstance(d, int) for d in entry["devices"]):
+            raise ValueError(f"entry {key!r} has no device list")
+        entries[key] = entry
+    down = {int(d): float(t) for d, t in data["down"].items()}
+    return _State(entries, down)
+
+
 class LoadBoard:
-    def __init__(self, path: Path, num_devices: int) -> None:
+    def __init__(self, path: Path, num_devices: int, clock=time.time) -> None:
         self.path = Path(path)
         self.num_devices = num_devices
+        self.clock = clock
         self.path.touch(exist_ok=True)
 
+    def _read(self, text: str, repair: bool) -> _State:
+        """The live state. An unreadable board counts as empty; ``repair`` (a writer) logs its reset."""
+        try:
+            state = _parse(text)
+        except (ValueError, TypeError) as err:
+            if repair:
+                log.warning("in-flight board %s was unreadable (%s); reset to empty", self.path, err)
+            return _State()
+        state.entries = {k: v for k, v in state.entries.items() if _alive(v["pid"])}
+        return state
+
     @contextmanager
-    def _locked(self) -> Iterator[dict[str, dict]]:
-        """The live entries under an exclusive lock; written back when the block ends."""
+    def _locked(self) -> Iterator[_State]:
+        """The live state under an exclusive lock; written back when the block ends."""
         with open(self.path, "r+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                entries = self._live(handle.read())
-                yield entries
+                state = self._read(handle.read(), repair=True)
+                yield state
                 handle.seek(0)
                 handle.truncate()
-                handle.write(json.dumps(entries))
+                handle.write(state.to_json())
                 handle.flush()
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    @staticmethod
-    def _live(text: str) -> dict[str, dict]:
-        entries = json.loads(text) if text.strip() else {}
-        return {k: v for k, v in entries.items() if _alive(v["pid"])}
-
-    def loads(self) -> list[int]:
-        """Requests in flight on each device. Read-only (shared lock, no write-back): an ``auto`` run
-        asks before every step, and a dead process's entry is dropped by the next writer anyway."""
+    def _shared(self) -> _State:
+        """The live state under a shared lock, without writing back (an ``auto`` run reads before every step)."""
         with open(self.path) as handle:
             fcntl.flock(handle, fcntl.LOCK_SH)
             try:
-                return self._count(self._live(handle.read()))
+                return self._read(handle.read(), repair=False)
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def loads(self) -> list[int]:
+        """Requests in flight on each device. Read-only: a dead process's entry is dropped by the next writer."""
+        return self._count(self._shared().entries)
+
+    def up(self) -> list[bool]:
+        """Which devices may be placed on: not marked down, or marked longer ago than the retry time."""
+        return self._up(self._shared().down)
+
+    def _up(self, down: dict[int, float]) -> list[bool]:
+        now = self.clock()
+        return [d not in down or now - down[d] >= DOWN_RETRY_SECONDS for d in range(self.num_devices)]
 
     def _count(self, entries: dict[str, dict]) -> list[int]:
         counts = [0] * self.num_devices
@@ -102,33 +160,51 @@ class LoadBoard:
 
     @contextmanager
     def occupy(self, choose) -> Iterator[Occupancy]:
-        """Read the loads, let ``choose(loads)`` decide, and record what it occupies, atomically.
+        """Read the loads and which devices are up, let ``choose(loads, up)`` decide, and record what
+        it occupies, atomically.
 
         ``choose`` returns ``(decision, devices)``; the devices count as busy until the block ends
         (or :meth:`Occupancy.update` changes them). Deciding and recording under one lock keeps two
-        requests from both seeing a free device.
+        requests from both seeing a free device. A chosen device whose down mark has expired is this
+        request's to probe: its mark is renewed so that others keep off it meanwhile.
         """
         key = f"{os.getpid()}-{uuid.uuid4().hex}"
-        with self._locked() as entries:
-            decision, devices = choose(self._count(entries))
-            entries[key] = {"pid": os.getpid(), "devices": list(devices)}
+        with self._locked() as state:
+            decision, devices = choose(self._count(state.entries), self._up(state.down))
+            probing = {d for d in devices if d in state.down}
+            for device in probing:
+                state.down[device] = self.clock()
+            state.entries[key] = {"pid": os.getpid(), "devices": list(devices)}
         try:
-            yield Occupancy(self, key, decision)
+            yield Occupancy(self, key, decision, probing)
         finally:
-            with self._locked() as entries:
-                entries.pop(key, None)
+            with self._locked() as state:
+                state.entries.pop(key, None)
 
     def _update(self, key: str, devices) -> None:
-        with self._locked() as entries:
-            if key in entries:
-                entries[key]["devices"] = list(devices)
+        with self._locked() as state:
+            if key in state.entries:
+                state.entries[key]["devices"] = list(devices)
+
+    def mark_down(self, device: int) -> list[bool]:
+        """Record that ``device`` failed; returns which devices are up now."""
+        with self._locked() as state:
+            state.down[device] = self.clock()
+            return self._up(state.down)
+
+    def mark_up(self, device: int) -> None:
+        """``device`` answered again: clear its down mark."""
+        with self._locked() as state:
+            state.down.pop(device, None)
 
 
 class Occupancy:
-    """One request's entry on the board: the decision it was placed by, and its devices."""
+    """One request's entry on the board: the decision it was placed by, its devices, and the devices
+    it probes (placed on although marked down, their mark having expired)."""
 
-    def __init__(self, board: LoadBoard, key: str, decision) -> None:
+    def __init__(self, board: LoadBoard, key: str, decision, probing: set[int] | None = None) -> None:
         self.board, self.key, self.decision = board, key, decision
+        self.probing = set(probing or ())
 
     def loads(self) -> list[int]:
         return self.board.loads()

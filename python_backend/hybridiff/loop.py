@@ -9,14 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from .families.base import Conditioning, DenoiseOutput, Denoiser, Family, Sampler
-from .schedule import COND, UNCOND, GuidanceSchedule, HybridKnobs, Mode, rel_mae
+from .schedule import (
+    COND,
+    UNCOND,
+    GuidanceSchedule,
+    HybridKnobs,
+    Mode,
+    NoDeviceLeft,
+    Phase,
+    failover_device,
+    may_yield,
+    rel_mae,
+    yield_device,
+)
 
 
 @dataclass(frozen=True)
@@ -36,8 +48,22 @@ class DenoiseTask:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+class DeviceUnavailable(RuntimeError):
+    """The device is gone (its process died, its model is unloaded or reloading): a failover case.
+
+    Transports raise it only for such failures; an error in the request itself is another exception.
+    """
+
+    def __init__(self, device: int, message: str) -> None:
+        super().__init__(message)
+        self.device = device
+
+
 class Transport(Protocol):
-    """Runs a :class:`DenoiseTask` on a device; the loop awaits several at once."""
+    """Runs a :class:`DenoiseTask` on a device; the loop awaits several at once.
+
+    Raises :class:`DeviceUnavailable` when the device is gone, so that the loop can fail over.
+    """
 
     num_devices: int
 
@@ -74,6 +100,33 @@ class ImageRequest:
     knobs: HybridKnobs
     device: int = 0  # where single-device steps run
     pair: tuple[int, int] = (0, 1)  # where parallel steps run
+    mode_requested: Mode | None = None  # what the client asked for when ``mode`` was chosen for it (auto)
+
+
+class RunHooks:
+    """What the caller does around the loop; these defaults (an in-process run) do nothing.
+
+    The loop asks the policy (``schedule.py``) and obeys; the hooks only report the world (loads,
+    which devices are up) and carry decisions out there (the in-flight board). The orchestrator
+    overrides them.
+    """
+
+    def check(self, step: int) -> None:
+        """Called before every step; raises to stop the run (cancelled, deadline passed)."""
+
+    def loads(self) -> list[int] | None:
+        """Requests in flight per device, or None when the run is not load-aware (no yield)."""
+        return None
+
+    def device_failed(self, device: int) -> list[bool] | None:
+        """``device`` is gone: record that, and say which devices are up now (None: all of them)."""
+        return None
+
+    def occupy(self, devices: tuple[int, ...]) -> None:
+        """The run was re-placed and now keeps ``devices`` busy."""
+
+    def answered(self, devices: set[int]) -> None:
+        """``devices`` ran a step for this run (a device marked down is back)."""
 
 
 @dataclass
@@ -87,7 +140,7 @@ class LoopReport:
     # Per step: wall time minus the longest device compute of that step, summed. What the loop,
     # the transport and the scheduler cost beyond the work itself.
     overhead_seconds: float = 0.0
-    placement_seconds: float = 0.0  # of which: the load-aware checks between steps (``before_step``)
+    placement_seconds: float = 0.0  # of which: the load-aware checks between steps (``hooks.loads``)
     bytes_to_devices: int = 0
     bytes_from_devices: int = 0
     batched_steps: int = 0  # steps whose device pass was shared with other requests
@@ -117,13 +170,16 @@ async def denoise_image(
     transport: Transport,
     branch_cond: dict[str, Conditioning],
     request: ImageRequest,
-    before_step: Callable[[int, GuidanceSchedule], None] | None = None,
+    hooks: RunHooks | None = None,
 ) -> tuple[torch.Tensor, LoopReport]:
     """Run the whole denoising loop for one image; returns the final latents and the report.
 
     ``branch_cond`` maps ``uncond``/``cond`` to that branch's text conditioning (batch 1).
-    ``before_step(step, schedule)`` may re-place the run between steps (the load-aware policy).
+    Between steps an ``auto`` hybrid may yield a device (:func:`yield_device`, from ``hooks.loads``);
+    when a device is gone the same step runs again where :func:`failover_device` says, and
+    :class:`NoDeviceLeft` is raised when no device is left.
     """
+    hooks = hooks or RunHooks()
     started = time.perf_counter()
     schedule = GuidanceSchedule(
         mode=request.mode,
@@ -133,6 +189,7 @@ async def denoise_image(
         device=request.device,
         devices=transport.num_devices,
         pair=request.pair,
+        mode_requested=request.mode_requested,
     )
     scheduler = sampler.new_scheduler(request.steps, request.height, request.width)
     latents = sampler.prepare_latents(scheduler, request.seed, request.height, request.width)
@@ -141,17 +198,24 @@ async def denoise_image(
     stale: dict[str, torch.Tensor] = {}
     report = LoopReport(schedule={})
 
+    phases_run: list[Phase] = []
+    lost: set[int] = set()  # devices that failed during this run: never used again by it
+
     for step, timestep in enumerate(scheduler.timesteps):
         step_started = time.perf_counter()
-        if before_step is not None:
-            before_step(step, schedule)
+        hooks.check(step)
+        if may_yield(schedule, step):
+            loads = hooks.loads()
+            device = None if loads is None else yield_device(schedule, step, loads)
+            if device is not None:
+                schedule.continue_serially(step, device)
+                hooks.occupy(schedule.devices_in_use)
             report.placement_seconds += time.perf_counter() - step_started
-        plan = schedule.plan(step)
         model_input = sampler.scale_model_input(scheduler, latents, timestep)
-        eps_devices = {a.device for a in plan.eps_assignments}
-        tasks = []
-        for a in plan.assignments:
-            tasks.append(
+        while True:
+            plan = schedule.plan(step)
+            eps_devices = {a.device for a in plan.eps_assignments}
+            tasks = [
                 DenoiseTask(
                     sample=model_input,
                     timestep=timestep.reshape(1).to(torch.float32),
@@ -161,10 +225,23 @@ async def denoise_image(
                     capture_stage=a.capture_stage,
                     want_eps=a.device in eps_devices,
                 )
+                for a in plan.assignments
+            ]
+            # Every device's call finishes (no orphaned work) before a failure is acted on.
+            results = await asyncio.gather(
+                *(transport.denoise(a.device, task) for a, task in zip(plan.assignments, tasks, strict=True)),
+                return_exceptions=True,
             )
-        outputs = await asyncio.gather(
-            *(transport.denoise(a.device, task) for a, task in zip(plan.assignments, tasks, strict=True))
-        )
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, DeviceUnavailable):
+                    raise result
+            failures = [r for r in results if isinstance(r, DeviceUnavailable)]
+            if not failures:
+                break
+            _fail_over(schedule, step, failures, lost, hooks, transport.num_devices)
+        outputs: list[DenoiseOutput] = list(results)
+        hooks.answered({a.device for a in plan.assignments})
+        phases_run.append(plan.phase)
         for a, out in zip(plan.assignments, outputs, strict=True):
             report.device_seconds[a.device] = report.device_seconds.get(a.device, 0.0) + out.compute_seconds
         longest_compute = max(out.compute_seconds for out in outputs)
@@ -192,6 +269,29 @@ async def denoise_image(
         phase = plan.phase.value
         report.phase_seconds[phase] = report.phase_seconds.get(phase, 0.0) + step_seconds
 
-    report.schedule = schedule.summary()
+    report.schedule = schedule.summary(phases_run)
     report.loop_seconds = time.perf_counter() - started
     return latents, report
+
+
+def _fail_over(
+    schedule: GuidanceSchedule,
+    step: int,
+    failures: list[DeviceUnavailable],
+    lost: set[int],
+    hooks: RunHooks,
+    num_devices: int,
+) -> None:
+    """Record the failed devices and re-place the run where the policy says (step ``step`` runs again)."""
+    up: list[bool] | None = None
+    for failure in failures:
+        lost.add(failure.device)
+        up = hooks.device_failed(failure.device)
+    alive = [(up is None or up[d]) and d not in lost for d in range(num_devices)]
+    for failure in failures:
+        device = failover_device(schedule, failure.device, alive, hooks.loads())
+        if device is None:
+            reasons = "; ".join(str(f) for f in failures)
+            raise NoDeviceLeft(f"no device left to run step {step} of {schedule.steps} ({reasons})")
+        schedule.fail_over(step, failure.device, device)
+    hooks.occupy(schedule.devices_in_use)

@@ -9,6 +9,7 @@ hand-written curves.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -24,6 +25,17 @@ class Mode(str, Enum):
     PIPELINE = "pipeline"  # AsyncDiff stale-activation pipeline, CFG batch inside each stage
     HYBRID = "hybrid"  # Hybridiff: partitioning, pipeline in (tau1, tau2], partitioning
     AUTO = "auto"  # hybrid when two devices are free, else serial on the least busy device
+
+
+class Reason(str, Enum):
+    """Why a run was re-placed onto one device mid-way."""
+
+    YIELD = "yield"  # an ``auto`` hybrid gave up a device to newcomers (see :func:`yield_device`)
+    FAILOVER = "failover"  # a device of the run failed (see :func:`failover_device`)
+
+
+class NoDeviceLeft(RuntimeError):
+    """Every device of the family is down: nothing can run the request (retryable later)."""
 
 
 class Phase(str, Enum):
@@ -58,6 +70,19 @@ class StepPlan:
             last = max(a.stage for a in self.assignments if a.stage is not None)
             return tuple(a for a in self.assignments if a.stage == last)
         return self.assignments
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One re-placement of a run: from ``step`` on, every step runs whole on ``continued_on``.
+
+    ``device`` is the device given up (yield) or the one that failed (failover).
+    """
+
+    reason: Reason
+    step: int
+    device: int
+    continued_on: int
 
 
 @dataclass(frozen=True)
@@ -127,22 +152,38 @@ class GuidanceSchedule:
     device: int = 0
     devices: int = 2
     pair: tuple[int, int] = (0, 1)
+    mode_requested: Mode | None = None  # what the client asked for (``auto``); None: ``mode``
     rel_mae_curve: list[float | None] = field(default_factory=list)
     tau1: int | None = None
     tau_source: str | None = None  # "slope" or "tau_cap"
-    phase_log: list[Phase] = field(default_factory=list)  # what each planned step ran
-    serial_from: int | None = None  # step at which a hybrid gave up its second device
+    replacements: list[Replacement] = field(default_factory=list)  # yields and failovers, in order
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.mode is Mode.AUTO:
             raise ValueError("resolve mode auto with place_request() before scheduling")
+        if self.mode_requested is None:
+            self.mode_requested = self.mode
         self.knobs.validate()
 
     @property
     def effective_mode(self) -> Mode:
-        return effective_mode(self.mode, self.guidance, self.devices)
+        """The mode the next step runs in: serial once the run was re-placed onto one device."""
+        if self.replacements:
+            return Mode.SERIAL
+        devices = self.devices if self.pair[0] != self.pair[1] else 1
+        return effective_mode(self.mode, self.guidance, devices)
+
+    @property
+    def serial_device(self) -> int:
+        """Where single-device steps run: the placed device, or the last re-placement's."""
+        return self.replacements[-1].continued_on if self.replacements else self.device
+
+    @property
+    def devices_in_use(self) -> tuple[int, ...]:
+        """The devices the next step occupies (what the in-flight board should count)."""
+        return (self.serial_device,) if self.effective_mode is Mode.SERIAL else tuple(self.pair)
 
     @property
     def tau2(self) -> int | None:
@@ -170,15 +211,14 @@ class GuidanceSchedule:
         return Phase.WARMUP if step == self.tau1 + 1 else Phase.PIPELINE
 
     def plan(self, step: int) -> StepPlan:
+        """What step ``step`` runs, and where. Asks only: the loop records what actually ran."""
         if not 0 <= step < self.steps:
             raise IndexError(f"step {step} outside 0..{self.steps - 1}")
         phase = self.phase(step)
-        del self.phase_log[step:]
-        self.phase_log.append(phase)
         mode = self.effective_mode
         first, second = self.pair
         if phase is Phase.SERIAL:
-            assignments = (Assignment(self.device, self.branches),)
+            assignments = (Assignment(self.serial_device, self.branches),)
         elif phase is Phase.PARTITION:
             assignments = (Assignment(first, (UNCOND,)), Assignment(second, (COND,)))
         elif mode is Mode.PIPELINE:
@@ -216,23 +256,31 @@ class GuidanceSchedule:
             self.tau1, self.tau_source = self.knobs.tau_cap, "tau_cap"
 
     def continue_serially(self, step: int, device: int) -> None:
-        """Run the remaining steps whole on ``device`` (see :func:`yield_device`).
+        """Yield: run the remaining steps whole on ``device`` (decided by :func:`yield_device`).
 
         Only before any pipeline step: up to then a hybrid run is the same math as serial (condition
         partitioning only splits the batch), so the image stays that of a serial run of the request.
         """
         if self.pipeline_started(step):
             raise ValueError("a hybrid run can only turn serial before its pipeline phase")
-        self.mode, self.device, self.serial_from = Mode.SERIAL, device, step
+        given_up = next((d for d in self.devices_in_use if d != device), device)
+        self.replacements.append(Replacement(Reason.YIELD, step, given_up, device))
+
+    def fail_over(self, step: int, failed: int, device: int) -> None:
+        """Failover: ``failed`` is gone, so step ``step`` and the rest run whole on ``device``
+        (decided by :func:`failover_device`). Allowed in any phase: a pipeline run continues
+        serially from its current latents."""
+        self.replacements.append(Replacement(Reason.FAILOVER, step, failed, device))
 
     def pipeline_started(self, step: int) -> bool:
         return self.tau1 is not None and self.knobs.k > 0 and step > self.tau1
 
-    def summary(self) -> dict:
-        """What the response reports about the schedule that ran."""
-        phases = [p.value for p in self.phase_log]
+    def summary(self, phases_run: Sequence[Phase]) -> dict:
+        """What the response reports: this schedule's state, and ``phases_run``, the phase each step
+        ran as the loop recorded it."""
+        phases = [Phase(p).value for p in phases_run]
         return {
-            "mode_requested": self.mode.value,
+            "mode_requested": self.mode_requested.value,
             "mode_run": self.effective_mode.value,
             "guidance": self.guidance,
             "tau1": self.tau1,
@@ -241,7 +289,12 @@ class GuidanceSchedule:
             "phases": phases,
             "phase_steps": {p.value: phases.count(p.value) for p in Phase if p.value in phases},
             "rel_mae": self.rel_mae_curve,
-            "serial_from_step": self.serial_from,
+            "serial_from_step": self.replacements[0].step if self.replacements else None,
+            "failover": [
+                {"device": r.device, "step": r.step, "continued_on": r.continued_on}
+                for r in self.replacements
+                if r.reason is Reason.FAILOVER
+            ],
         }
 
 
@@ -263,15 +316,20 @@ class Placement:
         return self.pair
 
 
-def place_request(mode: Mode, loads: list[int], guidance: bool) -> Placement:
-    """The load-aware choice, from the requests in flight per device.
+def place_request(mode: Mode, loads: list[int], guidance: bool, up: Sequence[bool] | None = None) -> Placement:
+    """The load-aware choice, from the requests in flight per device and which devices are up.
 
     Splitting one image over two devices wins when they are free; when they are busy, a whole
     request on the least busy device wins (no device waits on another). ``auto`` takes hybrid
     only when two devices are idle; explicit modes keep their mode and get the least busy devices.
-    Ties go to the lower device index, so placement is deterministic for a given load.
+    Ties go to the lower device index, so placement is deterministic for a given load. A device
+    that is down is never chosen; with one device left every mode runs serially there, and with
+    none :class:`NoDeviceLeft` is raised.
     """
-    by_load = sorted(range(len(loads)), key=lambda d: (loads[d], d))
+    candidates = [d for d in range(len(loads)) if up is None or up[d]]
+    if not candidates:
+        raise NoDeviceLeft(f"all {len(loads)} devices are down")
+    by_load = sorted(candidates, key=lambda d: (loads[d], d))
     least = by_load[0]
     pair = (by_load[0], by_load[1]) if len(by_load) >= 2 else (least, least)
     pair = (min(pair), max(pair))
@@ -282,11 +340,16 @@ def place_request(mode: Mode, loads: list[int], guidance: bool) -> Placement:
 
 
 def may_yield(schedule: GuidanceSchedule, step: int) -> bool:
-    """Whether the run could still give up a device at ``step``: a hybrid before its pipeline phase.
+    """Whether the run could still give up a device at ``step``: a hybrid that ``auto`` placed,
+    before its pipeline phase. Only ``auto`` may re-place a run for load: an explicit mode is a promise.
 
     Cheap, so callers ask it before reading the loads that :func:`yield_device` needs.
     """
-    return schedule.effective_mode is Mode.HYBRID and not schedule.pipeline_started(step)
+    return (
+        schedule.mode_requested is Mode.AUTO
+        and schedule.effective_mode is Mode.HYBRID
+        and not schedule.pipeline_started(step)
+    )
 
 
 def yield_device(schedule: GuidanceSchedule, step: int, loads: list[int]) -> int | None:
@@ -303,3 +366,20 @@ def yield_device(schedule: GuidanceSchedule, step: int, loads: list[int]) -> int
     if loads[first] <= 1 and loads[second] <= 1:
         return None
     return min((first, second), key=lambda d: (loads[d], d))
+
+
+def failover_device(
+    schedule: GuidanceSchedule, failed: int, up: Sequence[bool], loads: Sequence[int] | None = None
+) -> int | None:
+    """Where a run whose device ``failed`` goes on (serially, from the failed step), or None if nowhere.
+
+    Any mode may fail over: losing the image would break the promise more than changing its shape.
+    A surviving device the run already occupies comes first (no new device gets busier), then the
+    least loaded device that is up; ties go to the lower index. Before the pipeline phase every
+    mode is the same math as serial, so the image stays the serial image of the request.
+    """
+    survivors = [d for d in range(len(up)) if up[d] and d != failed]
+    if not survivors:
+        return None
+    in_use = set(schedule.devices_in_use)
+    return min(survivors, key=lambda d: (d not in in_use, 0 if loads is None else loads[d], d))

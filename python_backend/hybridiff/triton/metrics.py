@@ -37,6 +37,11 @@ class OrchestratorMetrics:
             description="Wall time of denoising steps, by phase",
             kind=pb_utils.MetricFamily.COUNTER,
         )
+        self.failovers = pb_utils.MetricFamily(
+            name="hybridiff_failovers_total",
+            description="Runs moved off a denoiser device that failed, by failed device",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
         self._metrics: dict[tuple, object] = {}
 
     def _metric(self, family, labels: dict[str, str], **kwargs):
@@ -56,3 +61,5 @@ class OrchestratorMetrics:
             self._metric(self.phase_steps, {"phase": phase}).increment(steps)
         for phase, seconds in summary["phase_seconds"].items():
             self._metric(self.phase_seconds, {"phase": phase}).increment(seconds)
+        for failover in summary["failover"]:
+            self._metric(self.failovers, {"device": str(failover["device"])}).increment(1)

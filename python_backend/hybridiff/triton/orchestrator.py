@@ -3,7 +3,9 @@
 It validates the request, then runs :func:`hybridiff.loop.denoise_image` with a transport whose
 devices are the ``<family>_denoiser_<i>`` models, called with ``async_exec`` so that work for
 different devices runs at the same time. Stale activations live here between steps, and every
-tensor that moves between devices passes through here.
+tensor that moves between devices passes through here. The loop asks the policy; this glue only
+reports the world to it (the in-flight board, which devices answer, cancellation, the deadline)
+and turns its outcome into responses.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 
 import numpy as np
 import torch
@@ -18,17 +21,42 @@ import torch
 from .. import wire
 from ..families import get_family
 from ..families.base import DenoiseOutput, Family
-from ..load import LoadBoard, default_board_path, remove_dead_boards
-from ..loop import DenoiseTask, ImageRequest, denoise_image
+from ..load import LoadBoard, Occupancy, default_board_path, remove_dead_boards
+from ..loop import DenoiseTask, DeviceUnavailable, ImageRequest, RunHooks, denoise_image
 from ..params import InvalidParameter, parse_image_requests
-from ..schedule import COND, UNCOND, Mode, may_yield, place_request, yield_device
+from ..schedule import COND, UNCOND, NoDeviceLeft, place_request
 from ..validation import check_text_conditioning, model_limits
 from .common import error_response, from_triton, input_array, input_tensor, model_context, to_triton
 from .metrics import OrchestratorMetrics
 
 
 class DeviceError(RuntimeError):
-    """A denoiser model answered with an error."""
+    """A denoiser model answered with an error that is not its device being gone (a bug, bad input)."""
+
+
+class RunStopped(RuntimeError):
+    """The run stopped between steps: cancelled by the client, or past its deadline."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code  # a pb_utils.TritonError code name
+
+
+# What Triton answers when a model's process is gone or its model is (re)loading, as opposed to
+# an error in the request: "Stub process '<model>_0_0' is not healthy.", "Request for unknown
+# model: '<model>' is not found", "... has no available versions", "... is not at ready state".
+_GONE_CODES = ("UNAVAILABLE", "NOT_FOUND")
+_REQUEST_CODES = ("INVALID_ARG", "UNSUPPORTED", "ALREADY_EXISTS")
+_GONE_MESSAGES = ("not healthy", "unknown model", "not found", "no available versions", "ready state",
+                  "not ready", "unavailable", "stub process")
+
+
+def device_gone(code: str, message: str) -> bool:
+    """Whether a denoiser error means its device is gone (fail over) rather than a bad request."""
+    if code in _REQUEST_CODES:
+        return False
+    lowered = message.lower()
+    return code in _GONE_CODES or any(pattern in lowered for pattern in _GONE_MESSAGES)
 
 
 class BLSTransport:
@@ -76,12 +104,14 @@ class BLSTransport:
         memory = self._preferred_memory(device)
         if memory is not None:
             kwargs["preferred_memory"] = memory
-        request = self.pb.InferenceRequest(
-            model_name=self.model_names[device], inputs=inputs, requested_output_names=requested, **kwargs
-        )
-        reply = await request.async_exec()
+        model = self.model_names[device]
+        request = self.pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=requested, **kwargs)
+        try:
+            reply = await request.async_exec()
+        except self.pb.TritonModelException as err:  # the call itself failed (e.g. the model is gone)
+            self._raise(device, "INTERNAL", str(err))
         if reply.has_error():
-            raise DeviceError(f"{self.model_names[device]}: {reply.error().message()}")
+            self._raise(device, self._code_name(reply.error().code()), reply.error().message())
 
         def output(name: str) -> torch.Tensor:
             return from_triton(self.pb.get_output_tensor_by_name(reply, name))
@@ -90,6 +120,53 @@ class BLSTransport:
         compute_seconds = float(output(wire.COMPUTE_SECONDS.name).reshape(-1)[0])
         batched = int(output(wire.BATCHED_REQUESTS.name).reshape(-1)[0])
         return DenoiseOutput(eps, {name: output(name) for name in exports}, compute_seconds, batched)
+
+    def _code_name(self, code: int) -> str:
+        names = ("UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED", "ALREADY_EXISTS",
+                 "CANCELLED")
+        return next((n for n in names if getattr(self.pb.TritonError, n, None) == code), "UNKNOWN")
+
+    def _raise(self, device: int, code: str, message: str):
+        text = f"{self.model_names[device]}: {message}"
+        if device_gone(code, message):
+            raise DeviceUnavailable(device, text)
+        raise DeviceError(text)
+
+
+class BoardHooks(RunHooks):
+    """The loop's view of this server: loads and down devices on the shared board, the client's
+    cancellation and the request's deadline."""
+
+    def __init__(self, occupancy: Occupancy, devices: list[int], request, deadline: float | None, log) -> None:
+        self.occupancy, self.devices, self.request, self.deadline, self.log = occupancy, devices, request, deadline, log
+
+    def check(self, step: int) -> None:
+        if self.request.is_cancelled():
+            raise RunStopped("CANCELLED", f"request cancelled by the client; stopped before step {step}")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            timeout_s = self.request.timeout() / 1e6
+            raise RunStopped(
+                "UNAVAILABLE",
+                f"deadline exceeded: the request's timeout of {timeout_s:g} s passed before step {step} "
+                "(Request timeout expired); retry with a longer timeout or fewer steps",
+            )
+
+    def loads(self) -> list[int]:
+        return self.occupancy.loads()
+
+    def device_failed(self, device: int) -> list[bool]:
+        self.log.log_warn(f"denoiser device {device} is gone; marked down, the run fails over")
+        return self.occupancy.board.mark_down(device)
+
+    def occupy(self, devices: tuple[int, ...]) -> None:
+        self.occupancy.update(devices)
+        self.devices[:] = devices
+
+    def answered(self, devices: set[int]) -> None:
+        for device in devices & self.occupancy.probing:
+            self.occupancy.board.mark_up(device)
+            self.occupancy.probing.discard(device)
+            self.log.log_info(f"denoiser device {device} answers again; marked up")
 
 
 class TritonPythonModel:
@@ -114,49 +191,42 @@ class TritonPythonModel:
         self.board = LoadBoard(board_path, self.transport.num_devices)
         self.metrics = OrchestratorMetrics(self.family.name)
 
-    async def _denoise_placed(self, image_request: ImageRequest, branch_cond) -> tuple[torch.Tensor, dict]:
-        """Place the request by the load on the devices (the policy), then run the loop there."""
+    async def _denoise_placed(
+        self, image_request: ImageRequest, branch_cond, request, deadline: float | None
+    ) -> tuple[torch.Tensor, dict]:
+        """Place the request by the load on the devices that are up (the policy), then run the loop there."""
         guidance = image_request.guidance_scale > 1.0
 
-        def choose(loads: list[int]):
-            placement = place_request(image_request.mode, loads, guidance)
+        def choose(loads: list[int], up: list[bool]):
+            placement = place_request(image_request.mode, loads, guidance, up)
             return (placement, loads), placement.devices
 
         with self.board.occupy(choose) as occupancy:
             placement, loads = occupancy.decision
             placed = dataclasses.replace(
-                image_request, mode=placement.mode, device=placement.device, pair=placement.pair
+                image_request,
+                mode=placement.mode,
+                device=placement.device,
+                pair=placement.pair,
+                mode_requested=image_request.mode,
             )
             devices = list(placement.devices)
-
-            def before_step(step: int, schedule) -> None:
-                # Only runs that auto placed may change shape; an explicit mode is a promise. Once the
-                # run can no longer yield (pipeline started, or already serial), skip the board read.
-                if image_request.mode is not Mode.AUTO or not may_yield(schedule, step):
-                    return
-                device = yield_device(schedule, step, occupancy.loads())
-                if device is not None:
-                    schedule.continue_serially(step, device)
-                    occupancy.update((device,))
-                    devices[:] = [device]
-
-            latents, report = await denoise_image(
-                self.family, self.sampler, self.transport, branch_cond, placed, before_step
-            )
-        summary = {
-            "seed": image_request.seed,
-            **report.as_dict(),
-            "mode_requested": image_request.mode.value,
-            "devices": devices,
-            "loads_seen": loads,
-        }
+            hooks = BoardHooks(occupancy, devices, request, deadline, self.pb.Logger)
+            latents, report = await denoise_image(self.family, self.sampler, self.transport, branch_cond, placed, hooks)
+        summary = {"seed": image_request.seed, **report.as_dict(), "devices": devices, "loads_seen": loads}
         self.metrics.record(summary)
         return latents, summary
+
+    def _error(self, message: str, code: str):
+        error = self.pb.TritonError(message, getattr(self.pb.TritonError, code))
+        return self.pb.InferenceResponse(error=error)
 
     async def execute(self, requests):
         return list(await asyncio.gather(*(self._execute_one(r) for r in requests)))
 
     async def _execute_one(self, request):
+        timeout_us = request.timeout()
+        deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
         names = [t.name for t in self.family.wire.branch_outputs()]
         embeds = {name: input_tensor(request, name) for name in names}
         try:
@@ -175,11 +245,17 @@ class TritonPythonModel:
                     }
                     for branch in (UNCOND, COND)
                 }
-                image_latents, summary = await self._denoise_placed(image_request, branch_cond)
+                image_latents, summary = await self._denoise_placed(image_request, branch_cond, request, deadline)
                 latents.append(image_latents)
                 schedules.append(json.dumps(summary))
         except DeviceError as err:
             return error_response(str(err), invalid_argument=False)
+        except NoDeviceLeft as err:
+            return self._error(
+                f"no {self.family.name} denoiser device is up ({err}); retry once a device is back", "UNAVAILABLE"
+            )
+        except RunStopped as err:
+            return self._error(str(err), err.code)
         schedule_tensor = self.pb.Tensor(wire.SCHEDULE.name, np.array(schedules, dtype=object))
         return self.pb.InferenceResponse(
             output_tensors=[to_triton(wire.LATENTS.name, torch.cat(latents)), schedule_tensor]
