@@ -22,8 +22,8 @@ from client.generate import generate, make_client, start_generate
 from export.make_repository import Deployment, write_repository
 from hybridiff.load import DOWN_RETRY_SECONDS
 from hybridiff.params import Limits
-from hybridiff.tritonserver import TritonServer
 from tests.helpers import max_pixel_diff
+from tools.triton_process import TritonServer
 
 pytestmark = pytest.mark.server
 
