@@ -141,5 +141,11 @@ def error_response(message: str, invalid_argument: bool = True):
     return pb.InferenceResponse(error=pb.TritonError(message, code))
 
 
+def unavailable_response(message: str):
+    """A retryable refusal (HTTP 503, gRPC UNAVAILABLE): the server is full, not the request wrong."""
+    pb = _pb()
+    return pb.InferenceResponse(error=pb.TritonError(message, pb.TritonError.UNAVAILABLE))
+
+
 def response(tensors: dict[str, torch.Tensor], extra=()):
     return _pb().InferenceResponse(output_tensors=[to_triton(k, v) for k, v in tensors.items()] + list(extra))

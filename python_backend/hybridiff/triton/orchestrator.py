@@ -16,13 +16,22 @@ import numpy as np
 import torch
 
 from .. import wire
+from ..admission import QueueLimits, admit
 from ..families import get_family
 from ..families.base import DenoiseOutput, Family
 from ..load import LoadBoard, default_board_path, remove_dead_boards
 from ..loop import DenoiseTask, ImageRequest, denoise_image
 from ..params import InvalidParameter, Limits, parse_image_requests
 from ..schedule import COND, UNCOND, Mode, may_yield, place_request, yield_device
-from .common import error_response, from_triton, input_array, input_tensor, model_context, to_triton
+from .common import (
+    error_response,
+    from_triton,
+    input_array,
+    input_tensor,
+    model_context,
+    to_triton,
+    unavailable_response,
+)
 from .metrics import OrchestratorMetrics
 
 
@@ -118,6 +127,10 @@ class TritonPythonModel:
         remove_dead_boards(board_path.parent)
         self.board = LoadBoard(board_path, self.transport.num_devices)
         self.metrics = OrchestratorMetrics(self.family.name)
+        self.queues = QueueLimits(
+            max_per_device=int(params.get("max_per_device", "0")),
+            start_timeout_us=int(params.get("start_timeout_us", "0")),
+        )
 
     async def _denoise_placed(self, image_request: ImageRequest, branch_cond) -> tuple[torch.Tensor, dict]:
         """Place the request by the load on the devices (the policy), then run the loop there."""
@@ -162,6 +175,9 @@ class TritonPythonModel:
         return list(await asyncio.gather(*(self._execute_one(r) for r in requests)))
 
     async def _execute_one(self, request):
+        refused = await admit(self.board.loads, self.queues, request.timeout())
+        if refused is not None:
+            return unavailable_response(refused)
         names = [t.name for t in self.family.wire.branch_outputs()]
         embeds = {name: input_tensor(request, name) for name in names}
         batch = embeds[names[0]].shape[0]

@@ -1,0 +1,78 @@
+"""Admission on the real server: with a tiny queue, the excess of a burst is refused at once with a
+retryable UNAVAILABLE, and every request that was taken is served with its solo image."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from client.generate import generate, make_client
+from export.make_repository import Deployment, write_repository
+from hybridiff.admission import QueueLimits
+from hybridiff.tritonserver import TritonServer
+from tests.helpers import max_pixel_diff
+
+pytestmark = pytest.mark.server
+
+FIELDS = dict(steps=100, height=64, width=64, guidance_scale=5.0, mode="serial")
+INSTANCES, QUEUE = 1, 1
+BURST = 6
+
+
+@pytest.fixture(scope="module")
+def server(sdxl_tiny, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo") / "model_repository"
+    deployment = Deployment(orchestrator_instances=INSTANCES, queues=QueueLimits(queue_size=QUEUE))
+    write_repository(repo, {"sdxl": Path(sdxl_tiny)}, deployment)
+    with TritonServer(repo, ready_timeout=240) as running:
+        yield running
+
+
+def call(server, protocol: str, seed: int):
+    client = make_client(protocol, server.http_url if protocol == "http" else server.grpc_url)
+    try:
+        return generate(client, protocol, "sdxl", ["a lighthouse"], seed=seed, **FIELDS)
+    finally:
+        client.close()
+
+
+def test_a_burst_beyond_the_queue_is_refused_fast_and_the_rest_equals_its_solo_image(server):
+    solo_started = time.perf_counter()
+    call(server, "http", seed=0)  # warm, and how long one request takes alone
+    solo_s = time.perf_counter() - solo_started
+    outcomes: dict[int, tuple[str, object, float]] = {}
+
+    def send(i: int) -> None:
+        protocol = "grpc" if i % 2 else "http"
+        started = time.perf_counter()
+        try:
+            outcomes[i] = ("served", call(server, protocol, seed=100 + i), time.perf_counter() - started)
+        except InferenceServerException as err:
+            outcomes[i] = ("refused", err, time.perf_counter() - started)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(BURST)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert len(outcomes) == BURST
+    served = {i: o for i, o in outcomes.items() if o[0] == "served"}
+    refused = {i: o for i, o in outcomes.items() if o[0] == "refused"}
+    # The server holds what its orchestrator runs and queues; the rest of the burst is refused.
+    assert 1 <= len(served) <= INSTANCES + QUEUE, outcomes
+    assert len(refused) >= BURST - INSTANCES - QUEUE
+    for i, (_, err, seconds) in refused.items():
+        assert err.status() in ("503", "StatusCode.UNAVAILABLE"), (i, err.status(), str(err))
+        assert "queue" in str(err), str(err)  # Triton's "Exceeds maximum queue size"
+        assert seconds < solo_s / 2, (i, seconds, solo_s)  # at once, not after waiting for a slot
+    for i, (_, result, _) in served.items():
+        solo = call(server, "http", seed=100 + i).images[0]
+        assert max_pixel_diff(result.images[0], solo) <= 1
+
+
+def test_the_server_keeps_serving_after_the_burst(server):
+    assert call(server, "grpc", seed=7).images.shape == (1, 64, 64, 3)
