@@ -16,7 +16,7 @@ FAMILY ?= sdxl
 PROMPT ?= a lighthouse on a cliff at sunset, oil painting
 OUT ?= out/image.png
 # Admission (docs/overload.md): requests that may wait per family, their start deadline, the orchestrator gate.
-QUEUE_SIZE ?= 2
+QUEUE_SIZE ?= 4
 START_TIMEOUT_US ?= 60000000
 MAX_PER_DEVICE ?= 0
 export HF_HUB_OFFLINE := 1

@@ -33,7 +33,7 @@ class QueueLimits:
     default is 0, measured). ``max_per_device``: the orchestrator gate, 0 = off.
     """
 
-    queue_size: int = 2
+    queue_size: int = 4
     start_timeout_us: int = 60_000_000
     max_per_device: int = 0
 
