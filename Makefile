@@ -23,7 +23,7 @@ export HF_HUB_OFFLINE := 1
 # python_backend first: a checkout (or git worktree) always runs its own hybridiff, whatever the venv has.
 export PYTHONPATH := $(CURDIR)/python_backend:$(CURDIR)
 
-.PHONY: setup serve test test-fast generate repository checkpoints lint clean bench loadtest loadtest-open
+.PHONY: setup serve test test-fast generate repository checkpoints lint clean bench loadtest loadtest-open gpu-check gpu-wheels
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,7 +65,7 @@ generate: setup
 
 # Latency, speed-ups, efficiency, overhead, bytes moved and fidelity of every mode (small model, 50 steps).
 bench: repository
-	$(PY) -m client.bench --checkpoint-size $(SIZE) --repository model_repository --out out/bench
+	$(PY) -m bench --checkpoint-size $(SIZE) --repository model_repository --out out/bench
 
 # Locust concurrency sweep (1, 2, 4, 8 users per mode and auto) against a server it starts on the small model.
 loadtest: repository
@@ -74,6 +74,24 @@ loadtest: repository
 # Open-loop SLO test (Poisson and bursty arrivals at 0.2-1.5x the serial capacity, every mode, ABBA halves).
 loadtest-open: repository
 	$(PY) -m loadtest.openloop --repository model_repository --out out/openloop
+
+# GPU check: in-process parity on CUDA fp16 and the real server on a KIND_GPU repository (docs/deploy.md).
+# Without CUDA it reports those parts as skipped and runs the in-process checks on CPU instead. On a GPU
+# machine without this venv it uses python3 and, if diffusers/tritonclient/pytriton are missing, installs
+# the wheels `make gpu-wheels` put in $(GPU_WHEELS) into build/gpu-site (never into that Python).
+GPU_WHEELS ?= gpu-wheels
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@if ! $(GPU_PYTHON) -c "import diffusers, tritonclient.http, pytriton" 2>/dev/null && ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then \
+		echo "installing $(GPU_WHEELS)/*.whl into build/gpu-site"; \
+		$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade --target build/gpu-site $(GPU_WHEELS)/*.whl; \
+	fi
+	HF_HUB_OFFLINE=1 PYTHONPATH=$(PYTHONPATH):$(CURDIR)/build/gpu-site $(GPU_PYTHON) -m tools.gpu_check $(GPU_CHECK_ARGS)
+
+# The wheels gpu-check needs on a GPU machine without internet (prints the folder's size; not committed).
+gpu-wheels: setup
+	$(PY) -m tools.gpu_wheels --out $(GPU_WHEELS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,10 +1,10 @@
-"""The SD3 pieces of ``export.build_checkpoint``: a random-weight Stable Diffusion 3 (medium) architecture.
+"""A random-weight Stable Diffusion 3 (medium) architecture checkpoint, built with seeded weights.
 
 Same components, classes and subfolders as ``stabilityai/stable-diffusion-3-medium-diffusers``: an MMDiT
 ``SD3Transformer2DModel``, two projected CLIP text encoders (``tokenizer``/``tokenizer_2`` in CLIP's BPE format), a
 T5 encoder with a SentencePiece-unigram ``tokenizer_3`` (trained here on the built-in word list, never downloaded),
 a 16-channel ``AutoencoderKL`` with SD3's latent scale and shift, and ``FlowMatchEulerDiscreteScheduler``.
-Build through :func:`export.build_checkpoint.build_sd3_checkpoint`.
+The command line is ``python -m export.build_checkpoint --family sd3``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from export.build_checkpoint import (
-    _BPE_TRAINING_TEXT,
+from export.checkpoint_common import (
+    PROMPT_WORDS,
     TOKENIZER_PAD_TOKENS,
-    make_text_encoder,
+    build_folder,
+    make_clip_pair,
     restore_files,
+    size_spec,
     write_clip_tokenizers,
 )
 
@@ -115,7 +117,7 @@ SD3_SIZES: dict[str, Sd3Size] = {
 def _t5_training_sentences() -> list[str]:
     """Prompt-like lines over the built-in words, cased as prompts are (T5 is case-sensitive), with punctuation
     and digits so that ordinary prompts need no unknown token."""
-    words = _BPE_TRAINING_TEXT.split()
+    words = PROMPT_WORDS.split()
     lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
     lines += [" ".join(w.capitalize() for w in words[i : i + 12]) for i in range(0, len(words), 12)]
     lines.append(" ".join(w.upper() for w in words[:200]))
@@ -316,14 +318,9 @@ def write_sd3_checkpoint(folder: Path, spec: Sd3Size, seed: int) -> None:
     tokenizer_3 = make_t5_tokenizer(folder / "tokenizer_3", spec.t5_vocab)
     t5_files = {"tokenizer_3": {p.name: p.read_bytes() for p in (folder / "tokenizer_3").iterdir()}}
 
-    # Two projected CLIP towers: OpenAI CLIP-L (quick_gelu) and OpenCLIP bigG (gelu), as in SD3.
-    torch.manual_seed(seed)
-    text_encoder = make_text_encoder(
-        spec.te_hidden, spec.te_layers, spec.te_heads, "quick_gelu", vocab, TOKENIZER_PAD_TOKENS["tokenizer"], True
-    )
-    torch.manual_seed(seed + 1)
-    text_encoder_2 = make_text_encoder(
-        spec.te2_hidden, spec.te_layers, spec.te_heads, "gelu", vocab, TOKENIZER_PAD_TOKENS["tokenizer_2"], True
+    # Two projected CLIP towers, as in SD3.
+    text_encoder, text_encoder_2 = make_clip_pair(
+        vocab, (spec.te_hidden, spec.te2_hidden), (spec.te_layers, spec.te_layers), spec.te_heads, seed, True
     )
     torch.manual_seed(seed + 2)
     text_encoder_3 = make_t5_encoder(spec, tokenizer_3)
@@ -352,3 +349,20 @@ def write_sd3_checkpoint(folder: Path, spec: Sd3Size, seed: int) -> None:
     index = json.loads(index_path.read_text())
     index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def build_sd3_checkpoint(out_dir: str | Path, size: str = "tiny", seed: int = 0, force: bool = False) -> Path:
+    """Build (or keep, if already complete) an SD3-architecture checkpoint folder with seeded random weights.
+
+    Laid out like ``stabilityai/stable-diffusion-3-medium-diffusers``. See :func:`export.checkpoint_common.build_folder`
+    for how the folder appears. Returns ``out_dir`` as a Path.
+    """
+    spec = size_spec(SD3_SIZES, size)
+    out_dir = Path(out_dir)
+    return build_folder(
+        out_dir,
+        lambda folder: write_sd3_checkpoint(folder, spec, seed),
+        lambda: sd3_mismatch(out_dir, spec),
+        f"sd3-{size} checkpoint (seed={seed})",
+        force,
+    )

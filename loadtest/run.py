@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
 
     server = None
     if args.url is None:
-        from hybridiff.tritonserver import TritonServer
+        from tools.triton_process import TritonServer
 
         server = TritonServer(args.repository, ready_timeout=600).__enter__()
         url = server.http_url if args.protocol == "http" else server.grpc_url

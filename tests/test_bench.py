@@ -2,7 +2,8 @@
 
 import pytest
 
-from client.bench import ComponentTimes, Neighbour, OneDevice, ceiling_summary
+from bench.measure import Neighbour, OneDevice
+from bench.stats import ComponentTimes, ceiling_summary
 
 TIMES = ComponentTimes(text_encoder=0.1, vae=0.2, full={1: 1.0, 2: 2.0}, stages={1: (0.4, 0.6), 2: (0.9, 1.1)})
 
@@ -32,7 +33,7 @@ def test_speedups_and_efficiency_are_paired_within_a_round():
     rounds (3.0x, 1.8x)."""
     import numpy as np
 
-    from client.bench import Run, summarize
+    from bench.stats import Run, summarize
 
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     runs, components, diffusers = [], [], {}

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import export.build_checkpoint as build_module
-from export.build_checkpoint import SIZES, build_sdxl_checkpoint, make_scheduler
+import export.sdxl_checkpoint as sdxl_module
+from export.build_checkpoint import build_sdxl_checkpoint
+from export.sdxl_checkpoint import SIZES, make_scheduler
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -152,7 +153,7 @@ def test_crashed_build_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.Monk
         (folder / "model_index.json").write_text("{}")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(build_module, "_write_checkpoint", crash)
+    monkeypatch.setattr(sdxl_module, "write_sdxl_checkpoint", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         build_sdxl_checkpoint(tmp_path / "sdxl-tiny", size="tiny")
     assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from client.quality import psnr, ssim
+from bench.quality import psnr, ssim
 
 
 def test_identical_images():

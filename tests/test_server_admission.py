@@ -13,8 +13,8 @@ from tritonclient.utils import InferenceServerException
 from client.generate import generate, make_client
 from export.make_repository import Deployment, write_repository
 from hybridiff.admission import QueueLimits
-from hybridiff.tritonserver import TritonServer
 from tests.helpers import max_pixel_diff
+from tools.triton_process import TritonServer
 
 pytestmark = pytest.mark.server
 

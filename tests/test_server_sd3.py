@@ -16,8 +16,8 @@ from client.generate import generate, make_client
 from export.make_repository import Deployment, write_repository
 from hybridiff.families.sd3 import MAX_SEQUENCE_LENGTH
 from hybridiff.params import Limits
-from hybridiff.tritonserver import TritonServer
 from tests.helpers import max_pixel_diff
+from tools.triton_process import TritonServer
 
 pytestmark = pytest.mark.server
 

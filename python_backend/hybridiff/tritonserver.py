@@ -3,12 +3,18 @@
 The wheel ships a complete Triton 2.51 server with the Python backend, but laid out for PyTriton's
 own use: the backend stub lives apart from the backend, and the binaries only find their libraries
 and the right Python through the environment. This module assembles a backend directory, builds
-that environment and the command line, and manages the server process (for tests, benchmarks and
-``make serve``).
+that environment and the command line, and runs the server in the foreground (``make serve``).
+Managing a server as a child process (tests, benchmark, load test) is tooling: ``tools.triton_process``.
 
 CLI (foreground, logs to stdout)::
 
     python -m hybridiff.tritonserver --model-repository model_repository
+    python -m hybridiff.tritonserver --model-repository model_repository --dry-run   # print, do not run
+    python -m hybridiff.tritonserver --model-repository /models --server-root /opt/tritonserver  # container
+
+``--server-root`` takes the server binary and the Python backend library from an installed Triton of
+the same release (the official container's ``/opt/tritonserver``); the stub still comes from the wheel,
+since it must match the interpreter whose packages the models import.
 """
 
 from __future__ import annotations
@@ -16,27 +22,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import sysconfig
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
 __all__ = [
-    "TritonServer",
-    "TritonServerError",
     "find_pytriton_root",
-    "free_port",
-    "free_ports",
     "main",
     "prepare_backend_dir",
     "server_command",
@@ -52,10 +47,6 @@ SHM_GROWTH_BYTE_SIZE = 16 * MiB
 # Files of the Python backend, relative to the wheel's ``pytriton/tritonserver`` folder.
 _BACKEND_FILES = ("backends/python/libtriton_python.so", "backends/python/triton_python_backend_utils.py")
 _STUB_NAME = "triton_python_backend_stub"
-
-
-class TritonServerError(RuntimeError):
-    """The server exited or did not become ready; the message carries the tail of its log."""
 
 
 def find_pytriton_root() -> Path:
@@ -107,7 +98,13 @@ def _place(src: Path, dst: Path, symlink: bool) -> None:
     os.replace(tmp, dst)
 
 
-def prepare_backend_dir(dest: Path | str, *, symlink: bool = True, python_version: str | None = None) -> Path:
+def prepare_backend_dir(
+    dest: Path | str,
+    *,
+    symlink: bool = True,
+    python_version: str | None = None,
+    server_root: Path | str | None = None,
+) -> Path:
     """Assemble ``dest/python/`` (backend library, utils module, matching stub); return ``dest``.
 
     Triton looks for ``<backend-directory>/python/libtriton_python.so`` and the backend starts the
@@ -115,12 +112,14 @@ def prepare_backend_dir(dest: Path | str, *, symlink: bool = True, python_versio
     default (verified to work with 2.51: the binaries' ``$ORIGIN`` rpaths are covered by
     ``server_env``); ``symlink=False`` copies instead, e.g. for a directory that outlives the venv.
     Safe to call repeatedly: up-to-date entries are left untouched, stale ones replaced.
+    With ``server_root``, the backend library and utils come from that server's ``backends/python``.
     """
     root = find_pytriton_root()
     dest = Path(dest).absolute()
     python_dir = dest / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
-    sources = [root / rel for rel in _BACKEND_FILES] + [stub_path(root, python_version)]
+    backend_root = Path(server_root) if server_root is not None else root
+    sources = [backend_root / rel for rel in _BACKEND_FILES] + [stub_path(root, python_version)]
     for src in sources:
         _place(src.resolve(), python_dir / src.name, symlink)
     return dest
@@ -168,13 +167,15 @@ def server_command(
     grpc_port: int = 8001,
     metrics_port: int = 8002,
     extra_args: Sequence[str] = (),
+    server_root: Path | str | None = None,
 ) -> list[str]:
-    """Command line for the bundled tritonserver; ``extra_args`` go last (later flags win).
+    """Command line for the bundled tritonserver (or the one in ``server_root``); ``extra_args`` go
+    last (later flags win).
 
     ``--exit-on-error`` and ``--strict-readiness`` make a broken model fail fast and keep
     ``/v2/health/ready`` false until every model is loaded - what ``TritonServer.wait_ready`` relies on.
     """
-    root = find_pytriton_root()
+    root = Path(server_root) if server_root is not None else find_pytriton_root()
     return [
         str(root / "bin" / "tritonserver"),
         f"--model-repository={Path(model_repository).absolute()}",
@@ -191,240 +192,6 @@ def server_command(
         "--strict-readiness=true",
         *extra_args,
     ]
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct ports that are free right now (all sockets held open until all are picked).
-
-    Another process may still grab one before the server binds it; tests accept that small race.
-    """
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(n):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((host, 0))
-            ports.append(sock.getsockname()[1])
-        return ports
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """One currently free TCP port (see ``free_ports`` for several distinct ones)."""
-    return free_ports(1, host)[0]
-
-
-def _tail(path: Path, max_lines: int = 60) -> str:
-    """Last lines of a log file, for error messages."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        return f"<log {path} unreadable: {exc}>"
-    return "\n".join(lines[-max_lines:])
-
-
-_SHM_PREFIX = "triton_python_backend_shm_region_"
-
-
-def _group_shm_regions(pgid: int) -> list[str]:
-    """Shared-memory regions named on the command lines of the stubs in process group ``pgid``.
-
-    Each stub gets its region's name as an argument; a SIGKILLed server never unlinks them, so they
-    would pile up in /dev/shm (64 MiB by default in Docker). Linux-only, best effort.
-    """
-    regions = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (proc / "stat").read_text()
-            # Field 5 (pgrp) follows the ")" that closes the command name, which may contain spaces.
-            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
-                continue
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        regions += [a.decode() for a in argv if a.startswith(_SHM_PREFIX.encode())]
-    return regions
-
-
-class TritonServer:
-    """The bundled tritonserver as a managed child process.
-
-    Ports left as ``None`` are chosen free at construction, so parallel tests do not clash. The server
-    runs in its own process group: its Python stubs are its children, and ``stop`` signals the whole
-    group so nothing survives. As a context manager it starts, waits until ready, and always stops;
-    ``close`` also removes the temp dir holding the default backend dir and log.
-
-    ``exit_timeout`` (``--exit-timeout-secs``) bounds Triton's graceful shutdown, which otherwise waits
-    up to 30 s for every open HTTP connection - including an idle keep-alive one of a client that was
-    never closed.
-
-    >>> with TritonServer("model_repository") as server:      # doctest: +SKIP
-    ...     client = tritonclient.http.InferenceServerClient(server.http_url)
-    """
-
-    def __init__(
-        self,
-        model_repository: Path | str,
-        *,
-        backend_dir: Path | str | None = None,
-        http_port: int | None = None,
-        grpc_port: int | None = None,
-        metrics_port: int | None = None,
-        log_file: Path | str | None = None,
-        extra_args: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
-        ready_timeout: float = 120.0,
-        exit_timeout: int = 10,
-        symlink: bool = True,
-    ) -> None:
-        self.model_repository = Path(model_repository).absolute()
-        self._tmpdir: Path | None = None
-        self.backend_dir = Path(backend_dir) if backend_dir is not None else self._scratch() / "backends"
-        # Kept after stop (until close) so a failing test can still show it.
-        self.log_file = Path(log_file) if log_file is not None else self._scratch() / "tritonserver.log"
-        picked = iter(free_ports(sum(p is None for p in (http_port, grpc_port, metrics_port))))
-        self.http_port = http_port if http_port is not None else next(picked)
-        self.grpc_port = grpc_port if grpc_port is not None else next(picked)
-        self.metrics_port = metrics_port if metrics_port is not None else next(picked)
-        self.extra_args = (f"--exit-timeout-secs={exit_timeout}", *extra_args)
-        self.env = env
-        self.ready_timeout = ready_timeout
-        self.exit_timeout = exit_timeout
-        self.symlink = symlink
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def _scratch(self) -> Path:
-        """Temp dir for the defaults of ``backend_dir`` and ``log_file``, created on first use."""
-        if self._tmpdir is None:
-            self._tmpdir = Path(tempfile.mkdtemp(prefix="tritonserver-"))
-        return self._tmpdir
-
-    # 127.0.0.1 rather than localhost: Triton listens on IPv4 and "localhost" may try ::1 first.
-    @property
-    def http_url(self) -> str:
-        """``host:port`` as ``tritonclient.http`` expects it (no scheme)."""
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        """``host:port`` for ``tritonclient.grpc``."""
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        """Prometheus endpoint."""
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    def command(self) -> list[str]:
-        """The exact command ``start`` runs."""
-        return server_command(
-            self.model_repository,
-            self.backend_dir,
-            self.http_port,
-            self.grpc_port,
-            self.metrics_port,
-            self.extra_args,
-        )
-
-    def start(self) -> TritonServer:
-        """Launch the server (does not wait for readiness; see ``wait_ready``)."""
-        if self.process is not None and self.process.poll() is None:
-            raise RuntimeError("server already running")
-        prepare_backend_dir(self.backend_dir, symlink=self.symlink)
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "wb") as log:
-            self.process = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=server_env(self.env),
-                start_new_session=True,  # own process group: stop() reaches the stubs too
-            )
-        return self
-
-    def logs(self) -> str:
-        """Whole server log so far."""
-        try:
-            return self.log_file.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def is_ready(self) -> bool:
-        """One probe of ``GET /v2/health/ready`` (200 only once every model is loaded)."""
-        url = f"http://{self.http_url}/v2/health/ready"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):  # HTTPError (400) included
-            return False
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Poll readiness for up to ``timeout`` s (default ``ready_timeout``); raise ``TritonServerError``
-        with the log tail if the server exits first (a model failed to load) or never gets ready."""
-        if self.process is None:
-            raise RuntimeError("server not started")
-        timeout = self.ready_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while True:
-            code = self.process.poll()
-            if code is not None:
-                raise TritonServerError(
-                    f"tritonserver exited with code {code} before becoming ready; log {self.log_file}:\n"
-                    f"{_tail(self.log_file)}"
-                )
-            if self.is_ready():
-                return
-            if time.monotonic() > deadline:
-                raise TritonServerError(
-                    f"tritonserver not ready after {timeout} s; log {self.log_file}:\n{_tail(self.log_file)}"
-                )
-            time.sleep(0.1)
-
-    def _signal_group(self, sig: signal.Signals) -> None:
-        assert self.process is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, sig)  # pgid == pid thanks to start_new_session
-
-    def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM the process group (graceful: Triton drains, unloads models and ends its stubs, which
-        ignore the signal themselves), wait ``timeout`` s (default ``exit_timeout`` + 10), then SIGKILL
-        the group and unlink the stubs' shared memory. Returns the server's exit code. Idempotent."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                self.process.wait(self.exit_timeout + 10 if timeout is None else timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        # Also covers stubs left behind by a server that crashed or did not stop in time.
-        regions = _group_shm_regions(self.process.pid)
-        self._signal_group(signal.SIGKILL)
-        self.process.wait()
-        for region in regions:
-            with contextlib.suppress(OSError):
-                os.unlink(f"/dev/shm/{region}")
-        return self.process.returncode
-
-    def close(self) -> None:
-        """Stop the server and drop the temp dir (with the log, if it was ours)."""
-        self.stop()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-
-    def __enter__(self) -> TritonServer:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -450,19 +217,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where to assemble the Python backend + stub (default: %(default)s)",
     )
     parser.add_argument("--copy", action="store_true", help="copy the backend files instead of symlinking")
+    parser.add_argument(
+        "--server-root",
+        type=Path,
+        default=None,
+        help="an installed Triton of the same release (e.g. /opt/tritonserver in the official container) "
+        "whose binary and Python backend to run instead of the wheel's",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the command and the environment variables it changes as JSON, and exit",
+    )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
 
     if not args.model_repository.is_dir():
         parser.error(f"model repository {args.model_repository} is not a directory")
-    backend_dir = prepare_backend_dir(args.backend_dir, symlink=not args.copy)
+    if args.server_root is not None and not (args.server_root / "bin" / "tritonserver").is_file():
+        parser.error(f"--server-root {args.server_root} has no bin/tritonserver")
+    backend_dir = args.backend_dir.absolute()
+    if not args.dry_run:
+        prepare_backend_dir(backend_dir, symlink=not args.copy, server_root=args.server_root)
     cmd = server_command(
-        args.model_repository, backend_dir, args.http_port, args.grpc_port, args.metrics_port, extra
+        args.model_repository,
+        backend_dir,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        extra,
+        server_root=args.server_root,
     )
+    env = server_env()
+    if args.dry_run:
+        changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+        print(json.dumps({"command": cmd, "env": changed}, indent=2))
+        return 0
     print("+ " + " ".join(cmd), flush=True)
     sys.stderr.flush()
-    os.execve(cmd[0], cmd, server_env())
+    os.execve(cmd[0], cmd, env)
     return 0  # not reached
 
 

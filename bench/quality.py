@@ -1,4 +1,4 @@
-"""Image fidelity against the single-device output: PSNR and SSIM, computed here (no weights).
+"""Image fidelity against the single-device output, for the benchmark: PSNR and SSIM, computed here (no weights).
 
 SSIM follows Wang et al. 2004: an 11x11 Gaussian window (sigma 1.5), K1=0.01, K2=0.03, data range
 255, averaged over the image and the three channels.

@@ -1,0 +1,1 @@
+"""Deployment glue outside the serving package: the container entrypoint (Kubernetes manifests live beside it)."""

@@ -1,0 +1,189 @@
+"""Health probe: can this server still make an image with every part of every family?
+
+    python -m hybridiff.probe --url 127.0.0.1:8000 [--family sdxl --family sd3] [--timeout 60]
+
+Readiness alone is not enough: a model stays "ready" while a stub behind it is dead or a device
+fails, and only a request finds out. So the probe checks ``/v2/health/ready`` and every model's ready
+endpoint, then sends one tiny request per family (1 step, the smallest size, ``cfg_parallel`` so the
+text encoder, the orchestrator, both denoisers of the pair and the VAE all run) and reads the
+response's schedule. It exits 0 when everything answered, 1 with one line per failure otherwise, so
+Kubernetes (an ``exec`` probe) or a person can use it as is. Plain ``urllib``: no client library,
+no torch import, quick to start in a busy pod.
+
+Families default to those of ``HYBRIDIFF_MODELS`` (``family=folder,...``, the container's setting, so
+the probe needs no admin endpoint in a pod), else to those the repository index lists (every model
+``X`` with an ``X_orchestrator``);
+the models of a family are read from the server's own configs (the ensemble's steps and the
+orchestrator's ``denoisers`` parameter), so the probe checks what the server was configured with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+# Limits.min_size, a multiple of every family's size step (8 for SDXL, 16 for SD3); a test keeps it so.
+PROBE_SIDE = 64
+PROBE_MODE = "cfg_parallel"
+PROBE_PROMPT = "probe"
+
+
+class ProbeError(RuntimeError):
+    """One part of the server failed; the message says which and how."""
+
+
+def probe_request() -> dict[str, Any]:
+    """KServe v2 JSON body of the probe's request: only the schedule comes back (the image is small anyway)."""
+
+    def tensor(name: str, datatype: str, value: Any) -> dict[str, Any]:
+        return {"name": name, "shape": [1], "datatype": datatype, "data": [value]}
+
+    return {
+        "inputs": [
+            tensor("PROMPT", "BYTES", PROBE_PROMPT),
+            tensor("SEED", "INT64", 0),
+            tensor("STEPS", "INT64", 1),
+            tensor("HEIGHT", "INT64", PROBE_SIDE),
+            tensor("WIDTH", "INT64", PROBE_SIDE),
+            tensor("MODE", "BYTES", PROBE_MODE),
+        ],
+        "outputs": [{"name": "SCHEDULE"}],
+    }
+
+
+def schedule_problems(family: str, schedule: dict[str, Any]) -> list[str]:
+    """What is wrong with the probe request's schedule (empty when nothing is)."""
+    problems = []
+    if schedule.get("mode_run") != PROBE_MODE:
+        problems.append(f"{family}: ran {schedule.get('mode_run')!r} instead of {PROBE_MODE!r}")
+    failover = schedule.get("failover") or []
+    if failover:
+        problems.append(f"{family}: the request failed over between devices: {json.dumps(failover)}")
+    return problems
+
+
+def family_models(family: str, config: Callable[[str], dict[str, Any]]) -> list[str]:
+    """The ensemble and every model it runs, with the orchestrator's denoisers, from the server's configs."""
+    ensemble = config(family)
+    steps = ensemble.get("ensemble_scheduling", {}).get("step", [])
+    models = [family] + [step["model_name"] for step in steps]
+    for name in list(models):
+        parameters = config(name).get("parameters", {}) if name.endswith("_orchestrator") else {}
+        denoisers = parameters.get("denoisers", {}).get("string_value", "")
+        models += [d for d in denoisers.split(",") if d]
+    return list(dict.fromkeys(models))
+
+
+class Probe:
+    """HTTP calls against one server, each bounded by ``timeout`` seconds."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.base = url if url.startswith(("http://", "https://")) else f"http://{url}"
+        self.timeout = timeout
+
+    def _call(self, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base + path, data=data, method="GET" if data is None else "POST")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+        except (urllib.error.URLError, OSError) as err:  # refused, reset, timed out
+            raise ProbeError(f"{path}: no answer from {self.base}: {getattr(err, 'reason', err)}") from None
+
+    def _json(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        status, payload = self._call(path, body)
+        if status != 200:
+            raise ProbeError(f"{path}: HTTP {status}: {_error_text(payload)}")
+        return json.loads(payload)
+
+    def ready(self, path: str) -> None:
+        status, payload = self._call(path)
+        if status != 200:
+            raise ProbeError(f"{path}: not ready (HTTP {status}) {_error_text(payload)}".rstrip())
+
+    def families(self) -> list[str]:
+        index = self._json("/v2/repository/index", {})
+        names = {entry["name"] for entry in index}
+        return sorted(name for name in names if f"{name}_orchestrator" in names)
+
+    def config(self, model: str) -> dict[str, Any]:
+        return self._json(f"/v2/models/{model}/config")
+
+    def generate(self, family: str) -> dict[str, Any]:
+        response = self._json(f"/v2/models/{family}/infer", probe_request())
+        outputs = {out["name"]: out for out in response.get("outputs", [])}
+        if "SCHEDULE" not in outputs or not outputs["SCHEDULE"].get("data"):
+            raise ProbeError(f"{family}: the response has no SCHEDULE")
+        return json.loads(outputs["SCHEDULE"]["data"][0])
+
+
+def _error_text(payload: bytes) -> str:
+    try:
+        return str(json.loads(payload).get("error", ""))
+    except (ValueError, AttributeError):
+        return payload.decode(errors="replace")[:200]
+
+
+def configured_families(env: Mapping[str, str] = os.environ) -> list[str]:
+    """The families named in ``HYBRIDIFF_MODELS`` (``family=folder,...``), in order; empty when unset."""
+    items = [item.strip() for item in env.get("HYBRIDIFF_MODELS", "").split(",") if item.strip()]
+    return [item.split("=", 1)[0].strip() for item in items]
+
+
+def run_probe(url: str, families: Sequence[str] = (), timeout: float = 60.0) -> list[str]:
+    """Every problem found, one line each (empty: the server can serve every family)."""
+    probe = Probe(url, timeout)
+    try:
+        probe.ready("/v2/health/live")
+        probe.ready("/v2/health/ready")
+        families = list(families) or configured_families() or probe.families()
+    except ProbeError as err:
+        return [str(err)]
+    if not families:
+        return ["no family found in the repository index (pass --family)"]
+    problems = []
+    for family in families:
+        try:
+            for model in family_models(family, probe.config):
+                probe.ready(f"/v2/models/{model}/ready")
+            problems += schedule_problems(family, probe.generate(family))
+        except ProbeError as err:
+            problems.append(f"{family}: {err}" if not str(err).startswith(family) else str(err))
+    return problems
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the Kubernetes manifests' probe commands are checked against it)."""
+    parser = argparse.ArgumentParser(prog="python -m hybridiff.probe", description=__doc__.split("\n")[0])
+    parser.add_argument("--url", default="127.0.0.1:8000", help="the server's HTTP host:port (default %(default)s)")
+    parser.add_argument("--family", action="append", default=[], help="a family to check (default: all served)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP call (default %(default)s)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.monotonic()
+    problems = run_probe(args.url, args.family, args.timeout)
+    elapsed = time.monotonic() - start
+    if problems:
+        for line in problems:
+            print(f"probe FAILED: {line}", file=sys.stderr)
+        return 1
+    print(f"probe ok: every model ready, one {PROBE_MODE} image per family, {elapsed:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
