@@ -178,14 +178,21 @@ def write_outputs(rows: list[dict], out: Path, header: str, scales: list[float])
 
 
 def _commit() -> str:
+    """The checkout's commit when the run starts, ``-dirty`` if it has uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root, timeout=10).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip() or "unknown"
+        commit = git("rev-parse", "--short", "HEAD") or "unknown"
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except OSError:
         return "unknown"
 
 
 async def sweep(args, url: str) -> tuple[list[dict], str]:
+    commit = _commit()
     modes, loads = args.modes.split(","), [float(x) for x in args.loads.split(",")]
     processes, scales = args.processes.split(","), [float(x) for x in args.slo_scales.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -225,7 +232,7 @@ async def sweep(args, url: str) -> tuple[list[dict], str]:
         if partial:
             break
     header = (
-        f"Open-loop test, `python -m loadtest.openloop {' '.join(args.argv)}` at commit {_commit()} "
+        f"Open-loop test, `python -m loadtest.openloop {' '.join(args.argv)}` at commit {commit} "
         f"({os.cpu_count()} cores). Steps {args.steps}, sizes {args.sizes}, seed {args.seed}, bursty CV {args.cv}. "
         f"Serial capacity {capacity:.3f} requests/s ({'given' if args.capacity else 'measured'}); solo serial "
         f"latency per request (median of {args.solo_repeats}): "

@@ -76,3 +76,26 @@ def test_a_burst_beyond_the_queue_is_refused_fast_and_the_rest_equals_its_solo_i
 
 def test_the_server_keeps_serving_after_the_burst(server):
     assert call(server, "grpc", seed=7).images.shape == (1, 64, 64, 3)
+
+
+def test_the_open_loop_test_runs_end_to_end_and_counts_refusals_apart_from_errors(server, tmp_path):
+    """The open-loop driver itself, bounded and tiny: every level gets a row, nothing fails but by refusal."""
+    import csv
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "loadtest.openloop", "--url", server.grpc_url, "--modes", "serial,auto",
+        "--processes", "poisson", "--loads", "0.5,2.0", "--steps", "4", "--sizes", "64", "--level-seconds", "2",
+        "--min-requests", "4", "--solo-repeats", "1", "--capacity-rounds", "1", "--max-seconds", "240",
+        "--out", str(tmp_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "openloop.csv").read_text().splitlines()))
+    assert len(rows) == 2 * 3 * 2  # loads x SLO scales x modes
+    assert {(r["load"], r["mode"]) for r in rows} == {(load, m) for load in ("0.5", "2.0") for m in ("serial", "auto")}
+    assert all(int(r["errors"]) == 0 for r in rows), rows
+    assert all(0.0 <= float(r["attainment"]) <= 1.0 for r in rows)
+    assert "PARTIAL" not in (tmp_path / "openloop.md").read_text()
+    assert (tmp_path / "openloop.png").stat().st_size > 0
