@@ -103,3 +103,15 @@ def test_queue_size_zero_keeps_every_queue_unbounded():
     found = configs(Deployment(queues=QueueLimits(queue_size=0)))
     for name in ("sdxl_text_encoder", "sdxl_orchestrator", "sdxl_vae"):
         assert "max_queue_size: 0 " in found[name]
+
+
+def test_the_container_passes_the_admission_variables_to_the_generator():
+    from deploy.entrypoint import repository_argv
+
+    env = {"HYBRIDIFF_MODELS": "sdxl=/m", "HYBRIDIFF_QUEUE_SIZE": "1", "HYBRIDIFF_START_TIMEOUT_US": "5000000",
+           "HYBRIDIFF_MAX_PER_DEVICE": "2"}
+    argv = repository_argv(env)
+    assert argv[argv.index("--queue-size") + 1] == "1"
+    assert argv[argv.index("--start-timeout-us") + 1] == "5000000"
+    assert argv[argv.index("--max-per-device") + 1] == "2"
+    assert "--queue-size" not in repository_argv({"HYBRIDIFF_MODELS": "sdxl=/m"})  # the generator's default
