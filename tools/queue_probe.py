@@ -4,7 +4,8 @@
 
 Writes a throw-away repository of Python models that sleep ``--sleep`` seconds per request (one
 instance each): ``batch0`` (max_batch_size 0) and ``batch1`` (max_batch_size 1) with
-``max_queue_size: 2``, ``timeout0`` (max_batch_size 0, default timeout ``--sleep / 2``), and an
+``max_queue_size: 2``, ``timeout0`` and ``timeout10`` (max_batch_size 0, default timeout ``--sleep / 2``
+and ``10 x --sleep``; the latter probed with a client timeout of ``--sleep / 2``), and an
 ensemble ``ens`` over ``batch0``. Sends bursts 50 ms apart over HTTP and gRPC and prints, per
 request, whether it was served or refused, after how long, and the error.
 """
@@ -42,7 +43,9 @@ def _policy(timeout_us: int) -> str:
 
 
 def write_probe_repository(root: Path, sleep_s: float) -> None:
-    models = {"batch0": (0, 0), "batch1": (1, 0), "timeout0": (0, int(sleep_s * 5e5))}
+    models = {
+        "batch0": (0, 0), "batch1": (1, 0), "timeout0": (0, int(sleep_s * 5e5)), "timeout10": (0, int(sleep_s * 1e7)),
+    }
     for name, (max_batch_size, timeout_us) in models.items():
         (root / name / "1").mkdir(parents=True)
         (root / name / "1" / "model.py").write_text(MODEL_PY.format(sleep=sleep_s))
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         write_probe_repository(repo, args.sleep)
         cases = [("batch0", 6, "http", 0), ("batch0", 6, "grpc", 0), ("batch1", 6, "http", 0),
                  ("ens", 6, "http", 0), ("ens", 6, "grpc", 0), ("timeout0", 3, "http", 0),
-                 ("batch0", 3, "http", int(args.sleep * 5e5))]
+                 ("batch0", 3, "http", int(args.sleep * 5e5)), ("timeout10", 3, "http", int(args.sleep * 5e5)),
+                 ("timeout10", 3, "grpc", int(args.sleep * 5e5))]
         with TritonServer(repo, ready_timeout=120) as server:
             for model, count, protocol, timeout_us in cases:
                 client_timeout = f", client timeout {timeout_us} us" if timeout_us else ""
