@@ -99,3 +99,36 @@ def test_the_open_loop_test_runs_end_to_end_and_counts_refusals_apart_from_error
     assert all(0.0 <= float(r["attainment"]) <= 1.0 for r in rows)
     assert "PARTIAL" not in (tmp_path / "openloop.md").read_text()
     assert (tmp_path / "openloop.png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def gated_server(sdxl_tiny, tmp_path_factory):
+    """Three orchestrator instances, but at most one request per device: the third must wait, then be refused."""
+    repo = tmp_path_factory.mktemp("gated") / "model_repository"
+    queues = QueueLimits(queue_size=2, start_timeout_us=300_000, max_per_device=1)
+    write_repository(repo, {"sdxl": Path(sdxl_tiny)}, Deployment(orchestrator_instances=3, queues=queues))
+    with TritonServer(repo, ready_timeout=240) as running:
+        yield running
+
+
+def test_the_orchestrator_gate_refuses_a_request_that_cannot_start_within_its_deadline(gated_server):
+    outcomes: dict[int, tuple[str, object]] = {}
+
+    def send(i: int) -> None:
+        try:
+            outcomes[i] = ("served", call(gated_server, "grpc", seed=200 + i))
+        except InferenceServerException as err:
+            outcomes[i] = ("refused", err)
+
+    threads = []
+    for i in range(3):
+        threads.append(threading.Thread(target=send, args=(i,)))
+        threads[-1].start()
+        time.sleep(0.3)  # each takes its device before the next arrives
+    for thread in threads:
+        thread.join(timeout=300)
+    served = [o for o in outcomes.values() if o[0] == "served"]
+    refused = [o[1] for o in outcomes.values() if o[0] == "refused"]
+    assert len(served) == 2 and len(refused) == 1, outcomes
+    assert sorted(r.schedules[0]["devices"][0] for _, r in served) == [0, 1]
+    assert refused[0].status() == "StatusCode.UNAVAILABLE" and "server full" in str(refused[0]), str(refused[0])
