@@ -1,11 +1,13 @@
 """The repository generator: N devices, CPU or GPU, reproducible, and the committed copy is current."""
 
 import filecmp
+import re
 from pathlib import Path
 
 import pytest
 
 from export.make_repository import Deployment, main, write_repository
+from hybridiff.params import Limits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +48,26 @@ def test_ensemble_chains_encoder_orchestrator_and_vae(tmp_path):
     assert order == sorted(order)
     assert 'name: "NEGATIVE_PROMPT" data_type: TYPE_STRING dims: [ -1 ] optional: true' in ensemble
     assert 'string_value: "../ckpt"' in read(repo, "sdxl_vae")  # relative: repository and checkpoint move together
+
+
+def _parameters(config: str) -> dict[str, str]:
+    """The ``parameters`` of a generated config.pbtxt (one ``{ key: .. value: { string_value: .. } }`` a line)."""
+    found = re.findall(r'\{ key: "([^"]+)" value: \{ string_value: "([^"]*)" \} \}', config)
+    return dict(found)
+
+
+def test_every_internal_model_gets_the_deployment_limits(tmp_path):
+    """Each internal model checks its inputs against the public limits, so each needs them (hybridiff.validation)."""
+    limits = Limits(max_height=512, max_width=768, min_size=128, max_steps=30, max_batch=3)
+    deployment = Deployment(devices=2, max_device_batch=6, limits=limits)
+    repo = write_repository(tmp_path / "r", {"sdxl": tmp_path / "ckpt"}, deployment)
+    models = ["sdxl_text_encoder", "sdxl_denoiser_0", "sdxl_denoiser_1", "sdxl_vae", "sdxl_orchestrator"]
+    for model in models:
+        params = _parameters(read(repo, model))
+        assert Limits.from_parameters(params) == limits, model
+    for i in range(2):
+        config = read(repo, f"sdxl_denoiser_{i}")
+        assert _parameters(config)["max_device_batch"] == "6" and "max_batch_size: 6" in config
 
 
 def test_generation_is_reproducible(tmp_path):

@@ -13,17 +13,10 @@ import numpy as np
 
 from .loop import ImageRequest
 from .schedule import HybridKnobs, Mode
+from .validation import InvalidParameter
 from .wire import MAX_SEED, FamilyDefaults, Limits, RequestInput, scalar_inputs
 
 __all__ = ["InvalidParameter", "Limits", "parse_image_requests", "parse_prompts"]
-
-
-class InvalidParameter(ValueError):
-    """A request parameter outside its allowed range; the message names the field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 def decode_strings(field: str, array: np.ndarray | None) -> list[str] | None:

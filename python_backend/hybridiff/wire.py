@@ -13,7 +13,7 @@ Torch-free on purpose: the client imports it without torch.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from .schedule import COND, UNCOND, HybridKnobs, Mode
@@ -34,6 +34,20 @@ class Limits:
     max_steps: int = 200
     max_batch: int = 8  # prompts per request
     size_multiple: int = 8  # the VAE's scale factor (times the patch size for a DiT)
+
+    def as_parameters(self) -> dict[str, str]:
+        """The deployment's bounds as model config parameters (``size_multiple`` is the model's own)."""
+        return {name: str(getattr(self, name)) for name in DEPLOYMENT_LIMITS}
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> Limits:
+        """The bounds a model's config parameters carry; a parameter left out keeps its default."""
+        return cls(**{name: int(params[name]) for name in DEPLOYMENT_LIMITS if name in params})
+
+
+# The Limits a deployment sets. Every internal model gets them in its config parameters, because each
+# holds its inputs to them (hybridiff.validation): a direct call may not ask more than a public request.
+DEPLOYMENT_LIMITS = ("max_height", "max_width", "min_size", "max_steps", "max_batch")
 
 
 @dataclass(frozen=True)

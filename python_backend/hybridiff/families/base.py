@@ -8,6 +8,7 @@ schedule, the loop, the Triton glue) is shared and family-agnostic.
 
 from __future__ import annotations
 
+import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from ..schedule import COND, UNCOND
 from ..stale import StageSplit, run_stage
+from ..validation import ModelShapes
 from ..wire import FamilyDefaults, FamilyWire, Tensor
 
 Conditioning = dict[str, torch.Tensor]  # one guidance branch's tensors, batch 1
@@ -179,6 +181,17 @@ class Family(ABC):
 
     @abstractmethod
     def load_sampler(self, folder: Path) -> Sampler: ...
+
+    @abstractmethod
+    def model_shapes(self, folder: Path) -> ModelShapes:
+        """The shapes of the tensors this checkpoint's models exchange, from its configs (no weights read),
+        so that the internal models can refuse what no public request would send them."""
+
+
+def tokenizer_max_length(folder: Path, subfolder: str = "tokenizer") -> int:
+    """The tokens a CLIP tokenizer pads or truncates every prompt to (its ``model_max_length``)."""
+    config = json.loads((folder / subfolder / "tokenizer_config.json").read_text())
+    return int(config["model_max_length"])
 
 
 class Sampler(ABC):

@@ -20,6 +20,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 
 from ..params import InvalidParameter
 from ..stale import StageSplit
+from ..validation import FixedShape, ImageTokens, ModelShapes
 from ..wire import SD3 as SD3_WIRE
 from .base import (
     Conditioning,
@@ -29,6 +30,7 @@ from .base import (
     TextEncoder,
     VaeDecoder,
     branch_tensors,
+    tokenizer_max_length,
     vae_scale_factor,
 )
 from .schedulers import load_scheduler_config, new_scheduler
@@ -201,3 +203,26 @@ class SD3Family(Family):
 
     def load_sampler(self, folder: Path) -> SD3Sampler:
         return SD3Sampler(folder)
+
+    def model_shapes(self, folder: Path) -> ModelShapes:
+        sampler = SD3Sampler(folder)
+        config = SD3Transformer2DModel.load_config(folder, subfolder="transformer")
+        # CLIP's tokens, then T5's (SD3TextEncoder pads T5 to MAX_SEQUENCE_LENGTH), at T5's width.
+        tokens = tokenizer_max_length(folder) + MAX_SEQUENCE_LENGTH
+        text = {
+            "PROMPT_EMBEDS": (tokens, config["joint_attention_dim"]),
+            "POOLED_EMBEDS": (config["pooled_projection_dim"],),
+        }
+        width = config["num_attention_heads"] * config["attention_head_dim"]
+        return ModelShapes(
+            family=self.wire,
+            latent_channels=sampler.latent_channels,
+            vae_scale_factor=sampler.vae_scale_factor,
+            size_multiple=sampler.size_multiple,
+            max_size=sampler.max_size,
+            conditioning=text,
+            activations={
+                MIDDLE_HIDDEN: ImageTokens(sampler.patch_size, width),
+                MIDDLE_ENCODER: FixedShape((tokens, config["caption_projection_dim"])),
+            },
+        )

@@ -16,6 +16,7 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D
 
 from ..stale import StageSplit
+from ..validation import FeatureMap, ModelShapes
 from ..wire import SDXL as SDXL_WIRE
 from .base import (
     Conditioning,
@@ -25,6 +26,7 @@ from .base import (
     TextEncoder,
     VaeDecoder,
     branch_tensors,
+    tokenizer_max_length,
     vae_scale_factor,
 )
 from .schedulers import load_scheduler_config, new_scheduler
@@ -160,3 +162,27 @@ class SDXLFamily(Family):
 
     def load_sampler(self, folder: Path) -> SDXLSampler:
         return SDXLSampler(folder)
+
+    def model_shapes(self, folder: Path) -> ModelShapes:
+        sampler = SDXLSampler(folder)
+        unet = UNet2DConditionModel.load_config(folder, subfolder="unet")
+        channels = unet["block_out_channels"]
+        time_ids = 6  # SDXLSampler.extra_conditioning
+        # The add-embedding reads the pooled text embedding and the time ids' embeddings side by side.
+        text_embeds = unet["projection_class_embeddings_input_dim"] - time_ids * unet["addition_time_embed_dim"]
+        text = {
+            "PROMPT_EMBEDS": (tokenizer_max_length(folder), unet["cross_attention_dim"]),
+            "TEXT_EMBEDS": (text_embeds,),
+        }
+        # Both exports live at the lowest resolution (sdxl_split): the middle's last output (the deepest
+        # block's width) and the output of the head's last block, after its downsampler.
+        lowest = len(channels) - 1
+        return ModelShapes(
+            family=self.wire,
+            latent_channels=sampler.latent_channels,
+            vae_scale_factor=sampler.vae_scale_factor,
+            size_multiple=sampler.size_multiple,
+            max_size=sampler.max_size,
+            conditioning={**text, "TIME_IDS": (time_ids,)},
+            activations={MIDDLE_ACT: FeatureMap(channels[-1], lowest), HEAD_ACT: FeatureMap(channels[-2], lowest)},
+        )

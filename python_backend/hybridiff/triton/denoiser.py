@@ -15,6 +15,7 @@ from ..batching import run_tasks
 from ..families import get_family
 from ..families.base import DenoiseOutput
 from ..loop import DenoiseTask
+from ..validation import check_denoiser_inputs, model_limits
 from .common import error_response, input_tensor, model_context, response
 
 
@@ -22,6 +23,9 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         context = model_context(args)
         self.family = get_family(context.params["family"])
+        self.shapes = self.family.model_shapes(context.checkpoint)
+        self.limits = model_limits(context.params, self.shapes)
+        self.max_device_batch = int(context.params["max_device_batch"])
         self.denoiser = self.family.load_denoiser(
             context.checkpoint, context.placement.device, context.placement.dtype
         )
@@ -47,20 +51,26 @@ class TritonPythonModel:
         return responses
 
     def _task(self, request) -> DenoiseTask:
-        stage = int(input_tensor(request, wire.STAGE.name).reshape(-1)[0])
-        capture_stage = int(input_tensor(request, wire.CAPTURE_STAGE.name).reshape(-1)[0])
-        stale = {}
-        for spec in self.family.activations:
-            value = input_tensor(request, spec.name)
-            if value is not None:
-                stale[spec.name] = value
+        """The request's task, after its inputs passed the same limits as a public request's (else
+        InvalidParameter naming the input)."""
+        scalars = (wire.TIMESTEP.name, wire.STAGE.name, wire.CAPTURE_STAGE.name)
+        names = [wire.SAMPLE.name, *scalars, *(t.name for t in self.family.conditioning + self.family.activations)]
+        tensors = {name: input_tensor(request, name) for name in names}
+        values = {name: [] if tensors[name] is None else tensors[name].reshape(-1).tolist() for name in scalars}
+        call = check_denoiser_inputs(
+            {name: None if t is None else tuple(t.shape) for name, t in tensors.items()},
+            *(values[name] for name in scalars),
+            self.shapes,
+            self.limits,
+            self.max_device_batch,
+        )
         return DenoiseTask(
-            sample=input_tensor(request, wire.SAMPLE.name),
-            timestep=input_tensor(request, wire.TIMESTEP.name).reshape(-1)[:1],
-            cond={spec.name: input_tensor(request, spec.name) for spec in self.family.conditioning},
-            stage=None if stage == wire.NO_STAGE else stage,
-            stale=stale,
-            capture_stage=None if capture_stage == wire.NO_STAGE else capture_stage,
+            sample=tensors[wire.SAMPLE.name],
+            timestep=tensors[wire.TIMESTEP.name].reshape(-1)[:1],
+            cond={t.name: tensors[t.name] for t in self.family.conditioning},
+            stage=call.stage,
+            stale={t.name: tensors[t.name] for t in self.family.activations if tensors[t.name] is not None},
+            capture_stage=call.capture_stage,
             want_eps=True,
         )
 

@@ -21,8 +21,9 @@ from ..families import get_family
 from ..families.base import DenoiseOutput, Family
 from ..load import LoadBoard, default_board_path, remove_dead_boards
 from ..loop import DenoiseTask, ImageRequest, denoise_image
-from ..params import InvalidParameter, Limits, parse_image_requests
+from ..params import InvalidParameter, parse_image_requests
 from ..schedule import COND, UNCOND, Mode, may_yield, place_request, yield_device
+from ..validation import check_text_conditioning, model_limits
 from .common import (
     error_response,
     from_triton,
@@ -109,14 +110,8 @@ class TritonPythonModel:
         params = context.params
         self.family = get_family(params["family"])
         self.sampler = self.family.load_sampler(context.checkpoint)
-        model_max = self.sampler.max_size or 1 << 30
-        self.limits = Limits(
-            max_height=min(int(params.get("max_height", Limits.max_height)), model_max),
-            max_width=min(int(params.get("max_width", Limits.max_width)), model_max),
-            max_steps=int(params.get("max_steps", Limits.max_steps)),
-            max_batch=int(params.get("max_batch", Limits.max_batch)),
-            size_multiple=self.sampler.size_multiple,
-        )
+        self.shapes = self.family.model_shapes(context.checkpoint)
+        self.limits = model_limits(params, self.shapes)
         self.transport = BLSTransport(
             self.family,
             params["denoisers"].split(","),
@@ -180,8 +175,9 @@ class TritonPythonModel:
             return unavailable_response(refused)
         names = [t.name for t in self.family.wire.branch_outputs()]
         embeds = {name: input_tensor(request, name) for name in names}
-        batch = embeds[names[0]].shape[0]
         try:
+            shapes = {name: None if t is None else tuple(t.shape) for name, t in embeds.items()}
+            batch = check_text_conditioning(shapes, self.shapes, self.limits)
             scalars = {spec.name: input_array(request, spec.name) for spec in wire.scalar_inputs()}
             image_requests = parse_image_requests(scalars, self.family.defaults, self.limits, batch)
         except InvalidParameter as err:

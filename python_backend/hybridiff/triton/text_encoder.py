@@ -12,7 +12,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         context = model_context(args)
         family = get_family(context.params["family"])
-        self.limits = Limits(max_batch=int(context.params.get("max_batch", Limits.max_batch)))
+        self.limits = Limits.from_parameters(context.params)
         self.encoder = family.load_text_encoder(context.checkpoint, context.placement.device, context.placement.dtype)
 
     def execute(self, requests):

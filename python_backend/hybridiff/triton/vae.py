@@ -6,6 +6,8 @@ import torch
 
 from .. import wire
 from ..families import get_family
+from ..params import InvalidParameter
+from ..validation import check_vae_latents, model_limits
 from .common import error_response, input_tensor, model_context, response
 
 
@@ -13,14 +15,18 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         context = model_context(args)
         family = get_family(context.params["family"])
+        self.shapes = family.model_shapes(context.checkpoint)
+        self.limits = model_limits(context.params, self.shapes)
         self.decoder = family.load_decoder(context.checkpoint, context.placement.device, context.placement.dtype)
 
     def execute(self, requests):
         responses = []
         for request in requests:
             latents = input_tensor(request, wire.LATENTS.name)
-            if latents is None or latents.dim() != 4 or latents.shape[0] == 0:
-                responses.append(error_response("LATENTS: expected a non-empty [N, C, H, W] tensor"))
+            try:
+                check_vae_latents(None if latents is None else tuple(latents.shape), self.shapes, self.limits)
+            except InvalidParameter as err:
+                responses.append(error_response(str(err)))
                 continue
             image = torch.from_numpy(self.decoder.decode(latents))
             responses.append(response({wire.IMAGE.name: image}))
