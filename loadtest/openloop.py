@@ -122,7 +122,11 @@ async def warm(url: str, modes: list[str], offered: Offered, timeout_s: float) -
 
 
 async def serial_capacity(url: str, sample: list[Offered], steps: int, devices: int, timeout_s: float) -> float:
-    """Requests per second that ``devices`` closed-loop clients complete in ``serial`` (each its share)."""
+    """Requests per second that ``devices`` closed-loop clients complete in ``serial`` (each its share).
+
+    A refusal (a queue smaller than the clients can fill between a response and the next send) is
+    retried after a short back-off, so the figure is the rate of served requests.
+    """
     from tritonclient.grpc.aio import InferenceServerClient
 
     async def worker(share: list[Offered]) -> None:
@@ -130,6 +134,11 @@ async def serial_capacity(url: str, sample: list[Offered], steps: int, devices: 
         try:
             for offered in share:
                 outcome = await send(client, offered, "serial", steps, 0.0, timeout_s)
+                for attempt in range(1, 21):  # a full queue refuses (retryable): back off and retry, bounded
+                    if outcome.status != "refused":
+                        break
+                    await asyncio.sleep(0.05 * attempt)
+                    outcome = await send(client, offered, "serial", steps, 0.0, timeout_s)
                 if outcome.status != "ok":
                     raise RuntimeError(f"capacity request failed: {outcome}")
         finally:
