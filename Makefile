@@ -10,6 +10,13 @@ KIND ?= cpu
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+# Address HTTP, gRPC and metrics listen on: this machine only, unless told (LISTEN=0.0.0.0 in a container).
+LISTEN ?= 127.0.0.1
+# The admin key (logging, trace, shared-memory and model-repository APIs) is HYBRIDIFF_ADMIN_KEY if set,
+# else generated at start; either way written here, readable by its owner only (docs/operations.md).
+ADMIN_KEY_FILE ?= build/admin-key
+CHAOS_ROUNDS ?= 2
+CHAOS_USERS ?= 4
 PROTOCOL ?= http
 MODE ?= hybrid
 FAMILY ?= sdxl
@@ -23,7 +30,8 @@ export HF_HUB_OFFLINE := 1
 # python_backend first: a checkout (or git worktree) always runs its own hybridiff, whatever the venv has.
 export PYTHONPATH := $(CURDIR)/python_backend:$(CURDIR)
 
-.PHONY: setup serve test test-fast generate repository checkpoints lint clean bench loadtest loadtest-open gpu-check gpu-wheels
+.PHONY: setup serve test test-fast generate repository checkpoints lint clean bench loadtest loadtest-open \
+	gpu-check gpu-wheels chaos ready
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,7 +59,12 @@ repository: checkpoints
 
 serve: repository
 	$(PY) -m hybridiff.tritonserver --model-repository model_repository \
-		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+		--listen $(LISTEN) --admin-key-file $(ADMIN_KEY_FILE)
+
+# Readiness probe (exit 0 only while the server and every model of the repository are ready).
+ready:
+	$(PY) -m hybridiff.readiness --model-repository model_repository --url 127.0.0.1:$(HTTP_PORT)
 
 test: setup
 	$(PY) -m pytest -q -ra
@@ -92,6 +105,12 @@ gpu-check:
 # The wheels gpu-check needs on a GPU machine without internet (prints the folder's size; not committed).
 gpu-wheels: setup
 	$(PY) -m tools.gpu_wheels --out $(GPU_WHEELS)
+
+# Fault injection under a mixed load of both families: kills every kind of stub CHAOS_ROUNDS times and
+# writes out/chaos/chaos.{md,csv} (faults, requests, failures by reason, time to recover per fault).
+chaos: repository
+	$(PY) -m loadtest.chaos --repository model_repository --devices $(DEVICES) --rounds $(CHAOS_ROUNDS) \
+		--users $(CHAOS_USERS) --out out/chaos
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -81,6 +81,66 @@ def generate(client, protocol: str, model: str, prompts: list[str], timeout_s: f
     return Generation(result.as_numpy("IMAGE"), schedules, latency)
 
 
+# What Triton 2.51 answers while a model is down and being brought back (measured, docs/operations.md):
+# the request held by a killed stub gets INTERNAL "Stub process '<instance>' is not healthy."; while the
+# supervisor has the model unloaded, requests get "Model '<name>' is not ready" (INTERNAL), or, as Triton
+# unloads the family's ensemble with its composing model, "Request for unknown model: '<family>' has no
+# available versions" (NOT_FOUND / 404). Nothing on the server can turn the first into UNAVAILABLE: the
+# process that held the request is gone. All of these pass once the model is back, so they are retried.
+RETRYABLE_MESSAGES = ("is not healthy", "is not ready", "has no available versions")
+RETRYABLE_STATUSES = ("StatusCode.UNAVAILABLE", "503")
+
+
+def is_retryable(error: BaseException) -> bool:
+    """True for a failure that a later try may not meet: a model down or being reloaded, a busy server."""
+    status = getattr(error, "status", None)
+    status = status() if callable(status) else None
+    if status in RETRYABLE_STATUSES:
+        return True
+    message = getattr(error, "message", None)
+    text = message() if callable(message) else str(error)
+    return any(fragment in (text or "") for fragment in RETRYABLE_MESSAGES)
+
+
+def backoff_delays(retries: int, base_s: float = 1.0, cap_s: float = 16.0) -> list[float]:
+    """Seconds to wait before each retry: doubling from ``base_s``, at most ``cap_s`` each.
+
+    The defaults (4 retries: 1 + 2 + 4 + 8 = 15 s, plus the tries) outlast the reload of a small model.
+    """
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    return [min(cap_s, base_s * 2**i) for i in range(retries)]
+
+
+def generate_with_retry(
+    client,
+    protocol: str,
+    model: str,
+    prompts: list[str],
+    *,
+    retries: int = 4,
+    backoff_s: float = 1.0,
+    sleep=time.sleep,
+    on_retry=None,
+    **kwargs,
+) -> Generation:
+    """``generate``, retried after a retryable failure (``is_retryable``) with a bounded back-off.
+
+    Any other error, or the last retryable one, is raised. ``on_retry(attempt, error, delay)`` is
+    called before each wait, e.g. to print it.
+    """
+    for attempt, delay in enumerate([*backoff_delays(retries, backoff_s), None], start=1):
+        try:
+            return generate(client, protocol, model, prompts, **kwargs)
+        except Exception as err:
+            if delay is None or not is_retryable(err):
+                raise
+            if on_retry is not None:
+                on_retry(attempt, err, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def save_png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
@@ -107,13 +167,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--url", help="host:port (default localhost:8000 for http, :8001 for grpc)")
     parser.add_argument("--out", type=Path, default=Path("out/image.png"))
     parser.add_argument("--show-curve", action="store_true", help="also print the rel-MAE curve")
+    parser.add_argument("--retries", type=int, default=4,
+                        help="retries after a retryable failure (a model being brought back), with back-off")
     for field, spec in request_fields().items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=spec.python_type, default=None, help=spec.description)
     args = parser.parse_args(argv)
     fields = {field: getattr(args, field) for field in request_fields()}
     client = make_client(args.protocol, args.url)
     try:
-        result = generate(client, args.protocol, args.family, [args.prompt], **fields)
+        result = generate_with_retry(
+            client, args.protocol, args.family, [args.prompt], retries=args.retries,
+            on_retry=lambda n, err, delay: print(f"try {n} failed ({err}); retrying in {delay:.0f} s"), **fields,
+        )
     finally:
         client.close()
     for i, (image, schedule) in enumerate(zip(result.images, result.schedules, strict=True)):

@@ -25,7 +25,9 @@ variable                                  default                     meaning
 ``HYBRIDIFF_MAX_PER_DEVICE``              generator default (0: off)  orchestrator gate
 ``HYBRIDIFF_REPOSITORY``                  ``/tmp/model_repository``   where the repository is written
 ``HYBRIDIFF_HTTP_PORT``/``GRPC``/``METRICS``  ``8000``/``8001``/``8002``  ports
-``HYBRIDIFF_LISTEN_ADDRESS``              Triton's (all interfaces)   address the three endpoints bind
+``HYBRIDIFF_LISTEN_ADDRESS``              ``0.0.0.0``                 address the three endpoints bind
+``HYBRIDIFF_ADMIN_KEY``                   generated at start          key of the admin APIs (else generated)
+``HYBRIDIFF_ADMIN_KEY_FILE``              ``/tmp/hybridiff/admin-key``  where the key is written (0600)
 ``HYBRIDIFF_SERVER_ROOT``                 unset (the wheel's server)  e.g. ``/opt/tritonserver`` in the image
 ``HYBRIDIFF_BACKEND_DIR``                 ``/tmp/triton_backends``    where the Python backend is assembled
 ========================================  ==========================  ====================================
@@ -119,9 +121,10 @@ def launcher_argv(env: Mapping[str, str]) -> list[str]:
     server_root = _get(env, "SERVER_ROOT")
     if server_root is not None:
         argv += ["--server-root", server_root]
-    address = _get(env, "LISTEN_ADDRESS")
-    if address is not None:
-        argv += ["--", f"--http-address={address}", f"--grpc-address={address}", f"--metrics-address={address}"]
+    # A pod is reached through its IP, so the container listens on every interface unless told otherwise;
+    # the admin APIs stay behind the key either way.
+    argv += ["--listen", _get(env, "LISTEN_ADDRESS", "0.0.0.0")]
+    argv += ["--admin-key-file", _get(env, "ADMIN_KEY_FILE", "/tmp/hybridiff/admin-key")]
     return argv
 
 

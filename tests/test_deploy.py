@@ -59,8 +59,10 @@ def test_entrypoint_runs_the_launcher_with_the_flags_of_make_serve(sdxl_tiny, sd
     serve = json.loads(_run([sys.executable, "-m", "hybridiff.tritonserver", *make_serve_launcher_args(),
                              "--dry-run"], _env()))
     repo = tmp_path / "repo"
+    # Listening on 127.0.0.1 as make serve does (a container's default is every interface, tested below).
     env = _env(HYBRIDIFF_MODELS=f"sdxl={sdxl_tiny},sd3={sd3_tiny}", HYBRIDIFF_KIND="cpu",
-               HYBRIDIFF_REPOSITORY=str(repo), HYBRIDIFF_BACKEND_DIR=str(tmp_path / "be"))
+               HYBRIDIFF_REPOSITORY=str(repo), HYBRIDIFF_BACKEND_DIR=str(tmp_path / "be"),
+               HYBRIDIFF_LISTEN_ADDRESS="127.0.0.1")
     out = _run([sys.executable, "-m", "deploy.entrypoint", "--dry-run"], env)
     container = json.loads(out[out.index("{"):])  # after make_repository's "wrote ..." line
 
@@ -68,6 +70,7 @@ def test_entrypoint_runs_the_launcher_with_the_flags_of_make_serve(sdxl_tiny, sd
     assert f"--model-repository={repo}" in container["command"]
     assert f"--backend-directory={tmp_path / 'be'}" in container["command"]
     assert container["env"] == serve["env"]
+    assert container["supervised"] and serve["supervised"]
     # ... and it wrote the repository it points the server at.
     names = {p.name for p in repo.iterdir()}
     assert {"sdxl", "sd3", "sdxl_denoiser_0", "sdxl_denoiser_1", "sd3_orchestrator", "sd3_vae"} <= names
@@ -87,7 +90,8 @@ def test_entrypoint_in_the_container_uses_the_server_root_and_listen_address(sdx
     assert command[0] == str(root / "bin" / "tritonserver")
     assert f"--cache-directory={root / 'caches'}" in command
     assert "--http-port=9000" in command
-    assert command[-3:] == ["--http-address=0.0.0.0", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0"]
+    for endpoint in ("http", "grpc", "metrics"):
+        assert f"--{endpoint}-address=0.0.0.0" in command
     assert "kind: KIND_GPU gpus: [ 1 ]" in (tmp_path / "repo" / "sdxl_denoiser_1" / "config.pbtxt").read_text()
     orchestrator = (tmp_path / "repo" / "sdxl_orchestrator" / "config.pbtxt").read_text()
     assert '{ key: "max_steps" value: { string_value: "50" } }' in orchestrator

@@ -139,7 +139,7 @@ def test_probe_fails_on_any_unready_model(fake, capsys, model) -> None:
     state, url = fake
     state.unready = {model}
     assert probe.main(["--url", url, "--timeout", "5"]) == 1
-    assert f"/v2/models/{model}/ready: not ready (HTTP 400)" in capsys.readouterr().err
+    assert f"fam: not ready: {model}" in capsys.readouterr().err
 
 
 def test_probe_fails_clearly_without_a_server(capsys) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -21,8 +22,13 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
+from hybridiff.admin import admin_args
 from hybridiff.tritonserver import prepare_backend_dir, server_command, server_env
+
+if TYPE_CHECKING:
+    from hybridiff.supervisor import Supervisor
 
 __all__ = ["TritonServer", "TritonServerError", "free_port", "free_ports"]
 
@@ -90,6 +96,10 @@ class TritonServer:
     group so nothing survives. As a context manager it starts, waits until ready, and always stops;
     ``close`` also removes the temp dir holding the default backend dir and log.
 
+    It starts as ``make serve`` does (``hybridiff.admin.admin_args``): on 127.0.0.1, explicit model
+    control, the admin APIs behind ``admin_key`` (random unless given). ``supervise=True`` also runs a
+    ``Supervisor`` thread from ready until stop, which reloads a model whose stub dies.
+
     ``exit_timeout`` (``--exit-timeout-secs``) bounds Triton's graceful shutdown, which otherwise waits
     up to 30 s for every open HTTP connection - including an idle keep-alive one of a client that was
     never closed.
@@ -112,6 +122,8 @@ class TritonServer:
         ready_timeout: float = 120.0,
         exit_timeout: int = 10,
         symlink: bool = True,
+        admin_key: str | None = None,
+        supervise: bool = False,
     ) -> None:
         self.model_repository = Path(model_repository).absolute()
         self._tmpdir: Path | None = None
@@ -122,7 +134,10 @@ class TritonServer:
         self.http_port = http_port if http_port is not None else next(picked)
         self.grpc_port = grpc_port if grpc_port is not None else next(picked)
         self.metrics_port = metrics_port if metrics_port is not None else next(picked)
-        self.extra_args = (f"--exit-timeout-secs={exit_timeout}", *extra_args)
+        self.admin_key = admin_key if admin_key is not None else secrets.token_urlsafe(32)
+        self.extra_args = (f"--exit-timeout-secs={exit_timeout}", *admin_args(self.admin_key), *extra_args)
+        self.supervise = supervise
+        self.supervisor: Supervisor | None = None
         self.env = env
         self.ready_timeout = ready_timeout
         self.exit_timeout = exit_timeout
@@ -210,6 +225,10 @@ class TritonServer:
                     f"{_tail(self.log_file)}"
                 )
             if self.is_ready():
+                if self.supervise and self.supervisor is None:
+                    from hybridiff.supervisor import Supervisor
+
+                    self.supervisor = Supervisor(self.process.pid, self.http_url, self.admin_key).start()
                 return
             if time.monotonic() > deadline:
                 raise TritonServerError(
@@ -226,6 +245,10 @@ class TritonServer:
         """SIGTERM the process group (graceful: Triton drains, unloads models and ends its stubs, which
         ignore the signal themselves), wait ``timeout`` s (default ``exit_timeout`` + 10), then SIGKILL
         the group and unlink the stubs' shared memory. Returns the server's exit code. Idempotent."""
+        if self.supervisor is not None:  # first, or it would see the stubs go and reload them
+            self.supervisor.request_stop()
+            self.supervisor.stop()
+            self.supervisor = None
         if self.process is None:
             return None
         if self.process.poll() is None:

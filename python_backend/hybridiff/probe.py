@@ -2,9 +2,10 @@
 
     python -m hybridiff.probe --url 127.0.0.1:8000 [--family sdxl --family sd3] [--timeout 60]
 
-Readiness alone is not enough: a model stays "ready" while a stub behind it is dead or a device
-fails, and only a request finds out. So the probe checks ``/v2/health/ready`` and every model's ready
-endpoint, then sends one tiny request per family (1 step, the smallest size, ``cfg_parallel`` so the
+Readiness (:mod:`hybridiff.readiness`, the cheap check) says a model is down once the supervisor
+has unloaded it to bring it back; a request finds what readiness cannot see (a device that fails a
+pass, a family that cannot make an image). So the probe runs the readiness check on every model of
+each family, then sends one tiny request per family (1 step, the smallest size, ``cfg_parallel`` so the
 text encoder, the orchestrator, both denoisers of the pair and the VAE all run) and reads the
 response's schedule. It exits 0 when everything answered, 1 with one line per failure otherwise, so
 Kubernetes (an ``exec`` probe) or a person can use it as is. Plain ``urllib``: no client library,
@@ -28,6 +29,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from .readiness import http_ready, not_ready
 
 # Limits.min_size, a multiple of every family's size step (8 for SDXL, 16 for SD3); a test keeps it so.
 PROBE_SIDE = 64
@@ -153,10 +156,12 @@ def run_probe(url: str, families: Sequence[str] = (), timeout: float = 60.0) -> 
     if not families:
         return ["no family found in the repository index (pass --family)"]
     problems = []
+    ready = http_ready(url.split("://", 1)[-1])
     for family in families:
         try:
-            for model in family_models(family, probe.config):
-                probe.ready(f"/v2/models/{model}/ready")
+            down = not_ready(family_models(family, probe.config), ready)
+            if down:
+                raise ProbeError(f"{family}: not ready: {', '.join(down)}")
             problems += schedule_problems(family, probe.generate(family))
         except ProbeError as err:
             problems.append(f"{family}: {err}" if not str(err).startswith(family) else str(err))

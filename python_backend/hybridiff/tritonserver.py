@@ -3,7 +3,9 @@
 The wheel ships a complete Triton 2.51 server with the Python backend, but laid out for PyTriton's
 own use: the backend stub lives apart from the backend, and the binaries only find their libraries
 and the right Python through the environment. This module assembles a backend directory, builds
-that environment and the command line, and runs the server in the foreground (``make serve``).
+that environment and the command line, and runs the server in the foreground (``make serve``) with
+the admin APIs behind a key, on 127.0.0.1 by default, and a supervisor that brings back dead stubs
+(:mod:`hybridiff.admin`, :mod:`hybridiff.supervisor`).
 Managing a server as a child process (tests, benchmark, load test) is tooling: ``tools.triton_process``.
 
 CLI (foreground, logs to stdout)::
@@ -195,21 +197,39 @@ def server_command(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: prepare the backend dir, then replace this process with tritonserver (foreground).
+    """CLI entry: prepare the backend dir and the admin key, then run tritonserver in the foreground.
 
-    ``exec`` makes tritonserver the process ``make``/Docker/the terminal signal directly: Ctrl-C
-    reaches it (and its stubs, which ignore SIGINT and are shut down by the server) with no Python
-    wrapper in between, and its log goes straight to stdout.
+    By default the launcher stays tritonserver's parent and supervises its stubs
+    (:func:`hybridiff.supervisor.run_supervised`); ``--no-supervise`` replaces this process with
+    tritonserver (``exec``).
     """
+    from hybridiff.admin import DEFAULT_LISTEN, admin_args, resolve_admin_key
+    from hybridiff.supervisor import run_supervised
+
     parser = argparse.ArgumentParser(
         prog="python -m hybridiff.tritonserver",
         description="Run the bundled tritonserver in the foreground on a model repository.",
-        epilog="Arguments after '--' are passed to tritonserver unchanged.",
+        epilog="Arguments after '--' are passed to tritonserver unchanged. The admin key is "
+        "HYBRIDIFF_ADMIN_KEY if set, else generated; either way it is written to --admin-key-file (0600).",
     )
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        help="address for HTTP, gRPC and metrics (default: %(default)s; 0.0.0.0 in a container)",
+    )
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        default=Path("build/admin-key"),
+        help="where the admin key is written, readable by its owner only (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-supervise", action="store_true", help="exec tritonserver; nothing brings back a dead stub"
+    )
     parser.add_argument(
         "--backend-dir",
         type=Path,
@@ -237,6 +257,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"model repository {args.model_repository} is not a directory")
     if args.server_root is not None and not (args.server_root / "bin" / "tritonserver").is_file():
         parser.error(f"--server-root {args.server_root} has no bin/tritonserver")
+    masked = "<admin-key-hidden>"
+    if args.dry_run:
+        admin_key = masked  # a dry run writes nothing, the key file included
+    else:
+        try:
+            admin_key = resolve_admin_key(args.admin_key_file)
+        except ValueError as err:
+            parser.error(str(err))
     backend_dir = args.backend_dir.absolute()
     if not args.dry_run:
         prepare_backend_dir(backend_dir, symlink=not args.copy, server_root=args.server_root)
@@ -246,18 +274,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.http_port,
         args.grpc_port,
         args.metrics_port,
-        extra,
+        [*admin_args(admin_key, args.listen), *extra],
         server_root=args.server_root,
     )
     env = server_env()
     if args.dry_run:
         changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
-        print(json.dumps({"command": cmd, "env": changed}, indent=2))
+        print(json.dumps({"command": cmd, "env": changed, "supervised": not args.no_supervise}, indent=2))
         return 0
-    print("+ " + " ".join(cmd), flush=True)
+    print("+ " + " ".join(cmd).replace(admin_key, masked), flush=True)
+    print(f"admin key in {args.admin_key_file} (send it as header 'admin-key')", flush=True)
     sys.stderr.flush()
-    os.execve(cmd[0], cmd, env)
-    return 0  # not reached
+    if args.no_supervise:
+        os.execve(cmd[0], cmd, env)
+        return 0  # not reached
+    host = "127.0.0.1" if args.listen in ("0.0.0.0", "::", "") else args.listen
+    host = f"[{host}]" if ":" in host else host
+    return run_supervised(cmd, env, f"{host}:{args.http_port}", admin_key)
 
 
 if __name__ == "__main__":

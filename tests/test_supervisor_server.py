@@ -1,0 +1,219 @@
+"""The real server with its supervisor: the admin APIs need the key, and a killed stub of any model
+is detected, made not ready, and brought back. One server for the module (SDXL tiny, 2 devices)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from client.generate import generate, generate_with_retry, is_retryable, make_client
+from export.make_repository import Deployment, write_repository
+from hybridiff.admin import ADMIN_HEADER, GRPC_ADMIN_METADATA
+from hybridiff.params import Limits
+from hybridiff.readiness import http_ready, not_ready, repository_models
+from hybridiff.supervisor import Recovery, scan_stubs
+from tools.triton_process import TritonServer
+
+pytestmark = pytest.mark.server
+
+BASE = dict(negative_prompt="blurry", seed=5, steps=6, height=64, width=64, guidance_scale=5.0)
+MODES = ("serial", "cfg_parallel", "pipeline", "hybrid")
+# docs/operations.md: every mode serves again within 60 s of a kill (the target of issue 10).
+RECOVERY_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def server(sdxl_tiny, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo") / "model_repository"
+    deployment = Deployment(
+        devices=2, kind="cpu", orchestrator_instances=2, limits=Limits(max_height=256, max_width=256, max_steps=64)
+    )
+    write_repository(repo, {"sdxl": Path(sdxl_tiny)}, deployment)
+    with TritonServer(repo, ready_timeout=300, supervise=True) as running:
+        yield running
+        print(running.logs()[-6000:])
+
+
+def http(server, path: str, method: str = "GET", key: str | None = None, body: bytes | None = None) -> int:
+    request = urllib.request.Request(f"http://{server.http_url}{path}", method=method, data=body)
+    if key is not None:
+        request.add_header(ADMIN_HEADER, key)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def call(server, protocol: str = "http", **fields):
+    client = make_client(protocol, server.http_url if protocol == "http" else server.grpc_url)
+    try:
+        return generate(client, protocol, "sdxl", ["a paper boat on a pond"], **{**BASE, **fields})
+    finally:
+        client.close()
+
+
+def stub_pids(server, model: str) -> list[int]:
+    return sorted(s.pid for s in scan_stubs(server.process.pid).values() if s.model == model)
+
+
+def wait_for(condition, timeout_s: float, poll_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(poll_s)
+    return condition()
+
+
+def recovery_of(server, model: str, after: int) -> Recovery | None:
+    done = [r for r in server.supervisor.recoveries()[after:] if r.model == model]
+    return done[0] if done else None
+
+
+def kill_and_wait(server, model: str) -> tuple[Recovery, bool]:
+    """SIGKILL one stub of ``model``; return its recovery and whether its ready endpoint said 400 meanwhile."""
+    seen = len(server.supervisor.recoveries())
+    [pid, *_] = stub_pids(server, model)
+    os.kill(pid, signal.SIGKILL)
+    went_down = wait_for(lambda: http(server, f"/v2/models/{model}/ready") == 400, 10.0)
+    assert wait_for(lambda: recovery_of(server, model, seen) is not None, RECOVERY_S, 0.5), server.logs()[-3000:]
+    assert pid not in stub_pids(server, model)
+    return recovery_of(server, model, seen), went_down
+
+
+# --- the admin surface -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("POST", "/v2/repository/index", b""),
+        ("GET", "/v2/logging", None),
+        ("POST", "/v2/logging", b'{"log_verbose_level": 0}'),
+        ("GET", "/v2/systemsharedmemory/status", None),
+        ("GET", "/v2/trace/setting", None),
+    ],
+)
+def test_admin_http_apis_need_the_key(server, method, path, body):
+    assert http(server, path, method, body=body) == 403
+    assert http(server, path, method, key="wrong-key-0123456789", body=body) == 403
+    assert http(server, path, method, key=server.admin_key, body=body) == 200
+
+
+def test_admin_grpc_apis_need_the_key(server):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        for request in (client.get_log_settings, client.get_model_repository_index,
+                        client.get_system_shared_memory_status, client.get_trace_settings):
+            with pytest.raises(InferenceServerException, match="restricted"):
+                request()
+            request(headers={GRPC_ADMIN_METADATA: server.admin_key})
+        assert client.is_server_ready() and client.get_model_metadata("sdxl").name == "sdxl"  # open to all
+    finally:
+        client.close()
+
+
+def test_inference_health_metadata_and_metrics_stay_open(server):
+    assert http(server, "/v2/health/ready") == 200
+    assert http(server, "/v2/models/sdxl") == 200
+    assert urllib.request.urlopen(server.metrics_url, timeout=10).status == 200
+    assert call(server, mode="serial").images.shape == (1, 64, 64, 3)
+
+
+def test_the_server_listens_on_loopback_only(server):
+    """Every port of the server is bound to a loopback address (IPv4, or IPv4-mapped IPv6), none to 0.0.0.0."""
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+    bound: dict[int, set[str]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # LISTEN
+                address, port = local.split(":")
+                bound.setdefault(int(port, 16), set()).add(address)
+    for port in (server.http_port, server.grpc_port, server.metrics_port):
+        assert bound.get(port) and bound[port] <= loopback, (port, bound.get(port))
+
+
+# --- self-healing ----------------------------------------------------------------------------------
+
+
+def test_killed_denoiser_is_not_ready_until_brought_back_then_serves_every_mode(server):
+    started = time.monotonic()
+    recovery, went_down = kill_and_wait(server, "sdxl_denoiser_1")
+    assert went_down  # readiness told the truth while the model was down
+    assert recovery.instances == ["sdxl_denoiser_1_0_0"] and recovery.unloaded_at is not None
+    assert http(server, "/v2/models/sdxl_denoiser_1/ready") == 200 and server.is_ready()
+    for mode in MODES:
+        assert call(server, mode=mode).schedules[0]["mode_run"] == mode
+    assert time.monotonic() - started <= RECOVERY_S
+
+
+def test_readiness_probe_fails_until_the_model_is_back(server):
+    """The probe (every model of the repository ready) is what tells the truth: Triton's own server
+    readiness is 400 only while the unload runs, and the ensemble's follows its composing models only
+    because Triton unloads it with them."""
+    models = repository_models(server.model_repository, "sdxl")
+    ready = http_ready(server.http_url)
+    assert not_ready(models, ready) == []
+    [pid] = stub_pids(server, "sdxl_denoiser_0")
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: "sdxl_denoiser_0" in not_ready(models, ready), 10.0)
+    assert wait_for(lambda: not_ready(models, ready) == [], RECOVERY_S, 0.5)
+    assert call(server, mode="cfg_parallel").schedules[0]["mode_run"] == "cfg_parallel"
+
+
+@pytest.mark.parametrize("model", ["sdxl_text_encoder", "sdxl_vae", "sdxl_orchestrator"])
+def test_killed_text_encoder_vae_and_orchestrator_come_back(server, model):
+    instances = len(stub_pids(server, model))
+    recovery, _ = kill_and_wait(server, model)
+    assert len(recovery.instances) == 1
+    # Every instance is back, and no old one is left over (the survivors of a partly dead model exit
+    # once Triton has finished unloading it).
+    assert wait_for(lambda: len(stub_pids(server, model)) == instances, 30.0, 0.5), stub_pids(server, model)
+    assert call(server, "grpc", mode="hybrid").images.shape == (1, 64, 64, 3)
+
+
+def test_orchestrator_kill_fails_only_the_request_it_held(server):
+    """Two long requests, one per orchestrator instance; one instance is killed. The other request
+    completes; the killed one's fails with an error the client retries, and the retry succeeds."""
+    long_request = dict(steps=48, height=128, width=128, mode="serial")
+    outcomes: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            outcomes[i] = call(server, "grpc", **long_request)
+        except Exception as err:  # inspected below
+            outcomes[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    pids = stub_pids(server, "sdxl_orchestrator")
+    assert len(pids) == 2
+    time.sleep(1.0)  # both requests are in their denoising loops by now
+    seen = len(server.supervisor.recoveries())
+    os.kill(pids[0], signal.SIGKILL)
+    for thread in threads:
+        thread.join(timeout=300)
+    errors = [o for o in outcomes.values() if isinstance(o, BaseException)]
+    assert len(outcomes) == 2 and len(errors) == 1, outcomes
+    assert is_retryable(errors[0]), errors[0]
+    assert wait_for(lambda: recovery_of(server, "sdxl_orchestrator", seen) is not None, RECOVERY_S, 0.5)
+
+    client = make_client("grpc", server.grpc_url)
+    try:
+        retried = generate_with_retry(client, "grpc", "sdxl", ["a paper boat on a pond"], **{**BASE, **long_request})
+    finally:
+        client.close()
+    assert retried.images.shape == (1, 128, 128, 3)
