@@ -22,12 +22,16 @@ MODE ?= hybrid
 FAMILY ?= sdxl
 PROMPT ?= a lighthouse on a cliff at sunset, oil painting
 OUT ?= out/image.png
+# Admission (docs/overload.md): requests that may wait per family, their start deadline, the orchestrator gate.
+QUEUE_SIZE ?= 4
+START_TIMEOUT_US ?= 60000000
+MAX_PER_DEVICE ?= 0
 export HF_HUB_OFFLINE := 1
 # python_backend first: a checkout (or git worktree) always runs its own hybridiff, whatever the venv has.
 export PYTHONPATH := $(CURDIR)/python_backend:$(CURDIR)
 
-.PHONY: setup serve test test-fast generate repository checkpoints lint clean bench loadtest gpu-check gpu-wheels \
-	chaos ready
+.PHONY: setup serve test test-fast generate repository checkpoints lint clean bench loadtest loadtest-open \
+	gpu-check gpu-wheels chaos ready
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,7 +54,8 @@ checkpoints: checkpoints/sdxl-$(SIZE)/model_index.json checkpoints/sd3-$(SIZE)/m
 # default (KIND=gpu for GPUs).
 repository: checkpoints
 	$(PY) -m export.make_repository --out model_repository --model sdxl=checkpoints/sdxl-$(SIZE) \
-		--model sd3=checkpoints/sd3-$(SIZE) --devices $(DEVICES) --kind $(KIND)
+		--model sd3=checkpoints/sd3-$(SIZE) --devices $(DEVICES) --kind $(KIND) \
+		--queue-size $(QUEUE_SIZE) --start-timeout-us $(START_TIMEOUT_US) --max-per-device $(MAX_PER_DEVICE)
 
 serve: repository
 	$(PY) -m hybridiff.tritonserver --model-repository model_repository \
@@ -78,6 +83,10 @@ bench: repository
 # Locust concurrency sweep (1, 2, 4, 8 users per mode and auto) against a server it starts on the small model.
 loadtest: repository
 	$(PY) -m loadtest.run --repository model_repository --out out/loadtest
+
+# Open-loop SLO test (Poisson and bursty arrivals at 0.2-1.5x the serial capacity, every mode, ABBA halves).
+loadtest-open: repository
+	$(PY) -m loadtest.openloop --repository model_repository --out out/openloop
 
 # GPU check: in-process parity on CUDA fp16 and the real server on a KIND_GPU repository (docs/deploy.md).
 # Without CUDA it reports those parts as skipped and runs the in-process checks on CPU instead. On a GPU

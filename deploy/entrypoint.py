@@ -20,6 +20,9 @@ variable                                  default                     meaning
 ``HYBRIDIFF_MAX_STEPS``                   generator default (200)     most steps accepted
 ``HYBRIDIFF_ORCHESTRATOR_INSTANCES``      generator default (4)       requests in flight per family
 ``HYBRIDIFF_BATCH_DELAY_US``              generator default (0)       denoiser dynamic-batching delay
+``HYBRIDIFF_QUEUE_SIZE``                  generator default (4)       requests that may wait per family
+``HYBRIDIFF_START_TIMEOUT_US``            generator default (60 s)    a waiting request is refused after this
+``HYBRIDIFF_MAX_PER_DEVICE``              generator default (0: off)  orchestrator gate
 ``HYBRIDIFF_REPOSITORY``                  ``/tmp/model_repository``   where the repository is written
 ``HYBRIDIFF_HTTP_PORT``/``GRPC``/``METRICS``  ``8000``/``8001``/``8002``  ports
 ``HYBRIDIFF_LISTEN_ADDRESS``              ``0.0.0.0``                 address the three endpoints bind
@@ -97,6 +100,9 @@ def repository_argv(env: Mapping[str, str]) -> list[str]:
         ("MAX_STEPS", "--max-steps", 1),
         ("ORCHESTRATOR_INSTANCES", "--orchestrator-instances", 1),
         ("BATCH_DELAY_US", "--batch-delay-us", 0),
+        ("QUEUE_SIZE", "--queue-size", 0),
+        ("START_TIMEOUT_US", "--start-timeout-us", 0),
+        ("MAX_PER_DEVICE", "--max-per-device", 0),
     ):
         value = _int(env, name, None, minimum)
         if value is not None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybridiff import wire
+from hybridiff.admission import QueueLimits
 from hybridiff.wire import FAMILIES, FamilyWire, Limits, Tensor
 
 
@@ -34,6 +35,7 @@ class Deployment:
     # alternation, at that cost per step for a request that is alone.
     batch_delay_us: int = 0
     limits: Limits = Limits()
+    queues: QueueLimits = QueueLimits()  # admission: what the public path holds beyond running requests
 
     @property
     def dtype(self) -> str:
@@ -86,6 +88,16 @@ def _config(
     )
 
 
+def _queue_policy(max_queue_size: int, timeout_us: int = 0) -> str:
+    """Triton's bounded queue: a request beyond ``max_queue_size`` waiting is refused at once with
+    UNAVAILABLE, one still waiting after ``timeout_us`` is refused when it reaches the head. Works on
+    these max_batch_size 0 Python models too (measured on the bundled 2.51; ensembles have no queue)."""
+    return (
+        f"dynamic_batching {{ default_queue_policy {{ max_queue_size: {max_queue_size} "
+        f"default_timeout_microseconds: {timeout_us} timeout_action: REJECT allow_timeout_override: true }} }}\n"
+    )
+
+
 def _scalar_tensors() -> list[Tensor]:
     return [spec.tensor for spec in wire.scalar_inputs()]
 
@@ -101,6 +113,11 @@ def family_models(
     denoisers = [f"{name}_denoiser_{i}" for i in range(deployment.devices)]
     models: dict[str, tuple[str, str | None]] = {}
     prompts = _tensors((spec.tensor for spec in wire.PROMPT_INPUTS), deployment)
+    queues = deployment.queues
+    # The encoder and the VAE hold at most what the orchestrator admits (running + waiting), so they
+    # never refuse a request it would take; only the orchestrator has a start deadline (a refusal
+    # after denoising would throw the work away).
+    held = 0 if queues.queue_size == 0 else deployment.orchestrator_instances + queues.queue_size
     branch_outputs = _tensors(family.branch_outputs(), deployment)
 
     models[f"{name}_text_encoder"] = (
@@ -108,7 +125,7 @@ def family_models(
             f"{name}_text_encoder",
             prompts,
             branch_outputs,
-            _instances(deployment, 0) + _parameters(common),
+            _queue_policy(held) + _instances(deployment, 0) + _parameters(common),
         ),
         "text_encoder",
     )
@@ -139,7 +156,7 @@ def family_models(
             f"{name}_vae",
             _tensors([wire.LATENTS], deployment),
             _tensors([wire.IMAGE], deployment),
-            _instances(deployment, deployment.devices - 1) + _parameters(common),
+            _queue_policy(held) + _instances(deployment, deployment.devices - 1) + _parameters(common),
         ),
         "vae",
     )
@@ -147,13 +164,16 @@ def family_models(
         **common,
         "denoisers": ",".join(denoisers),
         "bls_memory": "gpu" if deployment.kind == "gpu" else "cpu",
+        "max_per_device": str(queues.max_per_device),
+        "start_timeout_us": str(queues.start_timeout_us),
     }
     models[f"{name}_orchestrator"] = (
         _config(
             f"{name}_orchestrator",
             branch_outputs + _tensors(_scalar_tensors(), deployment),
             _tensors([wire.LATENTS, wire.SCHEDULE], deployment),
-            _instances(deployment, 0, deployment.orchestrator_instances, cpu_only=True)
+            _queue_policy(queues.queue_size, queues.start_timeout_us)
+            + _instances(deployment, 0, deployment.orchestrator_instances, cpu_only=True)
             + _parameters(orchestrator_params),
         ),
         "orchestrator",
@@ -234,6 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--orchestrator-instances", type=int, default=Deployment.orchestrator_instances)
     parser.add_argument("--batch-delay-us", type=int, default=Deployment.batch_delay_us,
                         help="denoiser dynamic batching: max queue delay in microseconds")
+    parser.add_argument("--queue-size", type=int, default=QueueLimits.queue_size,
+                        help="requests that may wait for an orchestrator per family; more are refused (0: no bound)")
+    parser.add_argument("--start-timeout-us", type=int, default=QueueLimits.start_timeout_us,
+                        help="a request waiting longer than this is refused instead of started (0: no limit)")
+    parser.add_argument("--max-per-device", type=int, default=QueueLimits.max_per_device,
+                        help="orchestrator gate: requests one device may run at once (0: off)")
     parser.add_argument("--max-height", type=int, default=Limits.max_height)
     parser.add_argument("--max-width", type=int, default=Limits.max_width)
     parser.add_argument("--max-steps", type=int, default=Limits.max_steps)
@@ -241,11 +267,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.devices < 1:
         parser.error("--devices must be >= 1")
     checkpoints = dict(item.split("=", 1) for item in args.model)
+    queues = QueueLimits(args.queue_size, args.start_timeout_us, args.max_per_device)
+    try:
+        queues.validate()
+    except ValueError as err:
+        parser.error(str(err))
     deployment = Deployment(
         devices=args.devices,
         kind=args.kind,
         orchestrator_instances=args.orchestrator_instances,
         batch_delay_us=args.batch_delay_us,
+        queues=queues,
         limits=Limits(max_height=args.max_height, max_width=args.max_width, max_steps=args.max_steps),
     )
     out = write_repository(args.out, {k: Path(v) for k, v in checkpoints.items()}, deployment)

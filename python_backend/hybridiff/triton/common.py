@@ -135,10 +135,11 @@ def input_array(request, name: str):
     return None if tensor is None else tensor.as_numpy()
 
 
-def error_response(message: str, invalid_argument: bool = True):
+def error_response(message: str, code: str = "INVALID_ARG"):
+    """An error answer with the ``pb_utils.TritonError`` code named ``code``: INVALID_ARG for a bad request,
+    UNAVAILABLE for a retryable refusal (HTTP 503; server full, device gone, deadline), CANCELLED, INTERNAL."""
     pb = _pb()
-    code = pb.TritonError.INVALID_ARG if invalid_argument else pb.TritonError.INTERNAL
-    return pb.InferenceResponse(error=pb.TritonError(message, code))
+    return pb.InferenceResponse(error=pb.TritonError(message, getattr(pb.TritonError, code)))
 
 
 def response(tensors: dict[str, torch.Tensor], extra=()):

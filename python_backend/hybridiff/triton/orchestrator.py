@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .. import wire
+from ..admission import QueueLimits, admit
 from ..families import get_family
 from ..families.base import DenoiseOutput, Family
 from ..load import LoadBoard, Occupancy, default_board_path, remove_dead_boards
@@ -190,6 +191,10 @@ class TritonPythonModel:
         remove_dead_boards(board_path.parent)
         self.board = LoadBoard(board_path, self.transport.num_devices)
         self.metrics = OrchestratorMetrics(self.family.name)
+        self.queues = QueueLimits(
+            max_per_device=int(params.get("max_per_device", "0")),
+            start_timeout_us=int(params.get("start_timeout_us", "0")),
+        )
 
     async def _denoise_placed(
         self, image_request: ImageRequest, branch_cond, request, deadline: float | None
@@ -217,9 +222,6 @@ class TritonPythonModel:
         self.metrics.record(summary)
         return latents, summary
 
-    def _error(self, message: str, code: str):
-        error = self.pb.TritonError(message, getattr(self.pb.TritonError, code))
-        return self.pb.InferenceResponse(error=error)
 
     async def execute(self, requests):
         return list(await asyncio.gather(*(self._execute_one(r) for r in requests)))
@@ -227,6 +229,9 @@ class TritonPythonModel:
     async def _execute_one(self, request):
         timeout_us = request.timeout()
         deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
+        refused = await admit(self.board.loads, self.queues, request.timeout())
+        if refused is not None:
+            return error_response(refused, "UNAVAILABLE")
         names = [t.name for t in self.family.wire.branch_outputs()]
         embeds = {name: input_tensor(request, name) for name in names}
         try:
@@ -249,13 +254,13 @@ class TritonPythonModel:
                 latents.append(image_latents)
                 schedules.append(json.dumps(summary))
         except DeviceError as err:
-            return error_response(str(err), invalid_argument=False)
+            return error_response(str(err), "INTERNAL")
         except NoDeviceLeft as err:
-            return self._error(
+            return error_response(
                 f"no {self.family.name} denoiser device is up ({err}); retry once a device is back", "UNAVAILABLE"
             )
         except RunStopped as err:
-            return self._error(str(err), err.code)
+            return error_response(str(err), err.code)
         schedule_tensor = self.pb.Tensor(wire.SCHEDULE.name, np.array(schedules, dtype=object))
         return self.pb.InferenceResponse(
             output_tensors=[to_triton(wire.LATENTS.name, torch.cat(latents)), schedule_tensor]

@@ -1,0 +1,163 @@
+"""The open-loop test's plain parts: arrival times, the order levels run in, and SLO arithmetic.
+
+Arrivals are drawn once per (process, load) from a fixed seed, so every mode is offered exactly the
+same requests at exactly the same offsets. A level runs in two halves, modes forward then reversed
+(ABBA, as the closed-loop sweep): each half offers the same slice of the arrival schedule to every
+mode, so a machine whose speed drifts over minutes costs every mode about the same. The SLO of a
+request is ``scale`` times the latency of the same request alone in ``serial``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+PROMPTS = [
+    "a lighthouse on a cliff at sunset, oil painting",
+    "a red fox sitting in fresh snow, photograph",
+    "a futuristic city street at night with neon signs",
+    "a bowl of ripe peaches on a wooden table",
+]
+MODES = ["serial", "cfg_parallel", "hybrid", "auto"]
+PROCESSES = ("poisson", "bursty")
+
+
+@dataclass(frozen=True)
+class Offered:
+    """One request of a level: when it is sent (seconds from the level's start) and what it asks."""
+
+    index: int
+    at_s: float
+    prompt: int  # index into PROMPTS
+    size: int
+
+    @property
+    def key(self) -> str:
+        """Requests with the same key are the same request (same prompt, size and seed)."""
+        return f"{self.prompt}-{self.size}"
+
+    @property
+    def seed(self) -> int:
+        return 1000 * self.prompt + self.size
+
+
+def interarrival_gaps(rate: float, count: int, process: str, rng: np.random.Generator, cv: float = 2.0) -> np.ndarray:
+    """``count`` gaps with mean ``1 / rate``: exponential (Poisson arrivals, CV 1) or Gamma with
+    coefficient of variation ``cv`` > 1 (bursty: many short gaps, a few long ones)."""
+    if rate <= 0:
+        raise ValueError(f"rate: {rate} must be > 0")
+    if process == "poisson":
+        return rng.exponential(1.0 / rate, count)
+    if process == "bursty":
+        if cv <= 1:
+            raise ValueError(f"cv: {cv} must be > 1 for a bursty process")
+        shape = 1.0 / cv**2
+        return rng.gamma(shape, 1.0 / (rate * shape), count)
+    raise ValueError(f"process: {process!r} not one of {', '.join(PROCESSES)}")
+
+
+def offered_requests(
+    rate: float, count: int, process: str, seed: int, sizes: list[int], cv: float = 2.0
+) -> list[Offered]:
+    """The arrival schedule of one level: the first request at 0, then the drawn gaps.
+
+    Depends only on its arguments (not on the mode), which is what makes modes comparable.
+    """
+    rng = np.random.default_rng([seed, PROCESSES.index(process), int(round(rate * 1e6)), count])
+    gaps = interarrival_gaps(rate, count, process, rng, cv)
+    times = np.concatenate([[0.0], np.cumsum(gaps[:-1])]) if count else np.array([])
+    prompts = rng.integers(0, len(PROMPTS), count)
+    chosen = rng.integers(0, len(sizes), count)
+    return [
+        Offered(i, float(times[i]), int(prompts[i]), int(sizes[chosen[i]])) for i in range(count)
+    ]
+
+
+@dataclass(frozen=True)
+class Half:
+    """One half of a level: a mode, and the slice of the arrival schedule it is offered."""
+
+    mode: str
+    index: int  # 0: forward pass over the modes, 1: reversed
+    requests: tuple[Offered, ...]
+
+
+def level_order(modes: list[str], offered: list[Offered]) -> list[Half]:
+    """Halves in the order they run: every mode on the first half of the schedule, then every mode in
+    reverse on the second half (re-timed to start at 0). Each mode gets the whole schedule once."""
+    if len(offered) < 2:
+        raise ValueError(f"a level needs >= 2 requests (one per half), got {len(offered)}")
+    cut = (len(offered) + 1) // 2
+    first, second = tuple(offered[:cut]), offered[cut:]
+    start = second[0].at_s
+    second = tuple(Offered(r.index, r.at_s - start, r.prompt, r.size) for r in second)
+    return [Half(m, 0, first) for m in modes] + [Half(m, 1, second) for m in reversed(modes)]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one offered request."""
+
+    index: int
+    key: str
+    sent_s: float  # when it was sent, from the half's start
+    latency_s: float  # until the answer (image, refusal or error)
+    status: str  # "ok", "refused" (UNAVAILABLE: the server was full) or "error"
+    mode_run: str | None = None
+
+
+def met_slo(outcome: Outcome, slo_s: float) -> bool:
+    """Only a served image within its SLO counts; a refusal or an error is a miss."""
+    return outcome.status == "ok" and outcome.latency_s <= slo_s
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def level_row(
+    mode: str,
+    load: float,
+    process: str,
+    scale: float,
+    halves: list[tuple[list[Outcome], float]],
+    solo_s: dict[str, float],
+) -> dict:
+    """One CSV row for a (mode, load, process, SLO scale) level from its halves' outcomes and spans.
+
+    Goodput is images that met their SLO per second of the halves' spans (first send to last
+    answer), so a mode that serves late gets no credit for it. ``attainment_halves`` shows the
+    run's own noise: the same mode measured on the two halves of the schedule.
+    """
+    outcomes = [o for results, _ in halves for o in results]
+    span = sum(span for _, span in halves)
+    met = [met_slo(o, scale * solo_s[o.key]) for o in outcomes]
+    served = [o.latency_s for o in outcomes if o.status == "ok"]
+    refused = [o.latency_s for o in outcomes if o.status == "refused"]
+    modes_run: dict[str, int] = {}
+    for o in outcomes:
+        if o.mode_run:
+            modes_run[o.mode_run] = modes_run.get(o.mode_run, 0) + 1
+    per_half = [
+        sum(met_slo(o, scale * solo_s[o.key]) for o in results) / len(results) if results else float("nan")
+        for results, _ in halves
+    ]
+    return {
+        "process": process,
+        "load": load,
+        "slo_scale": scale,
+        "mode": mode,
+        "requests": len(outcomes),
+        "attainment": sum(met) / len(outcomes) if outcomes else float("nan"),
+        "attainment_halves": json.dumps([round(a, 3) for a in per_half]),
+        "p50_s": percentile(served, 50),
+        "p95_s": percentile(served, 95),
+        "p99_s": percentile(served, 99),
+        "goodput_per_s": sum(met) / span if span > 0 else 0.0,
+        "refused": len(refused),
+        "refusal_max_s": max(refused) if refused else 0.0,
+        "errors": sum(o.status == "error" for o in outcomes),
+        "modes_run": json.dumps(modes_run, sort_keys=True),
+    }

@@ -1,0 +1,107 @@
+"""The open-loop test's plain parts: arrival determinism and shape, ABBA order, SLO arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from loadtest.openloop_levels import (
+    Offered,
+    Outcome,
+    interarrival_gaps,
+    level_order,
+    level_row,
+    met_slo,
+    offered_requests,
+)
+
+
+def test_the_same_seed_offers_the_same_arrivals_and_requests():
+    a = offered_requests(0.7, 30, "poisson", seed=5, sizes=[256, 320])
+    b = offered_requests(0.7, 30, "poisson", seed=5, sizes=[256, 320])
+    assert a == b
+    assert a != offered_requests(0.7, 30, "poisson", seed=6, sizes=[256, 320])
+    assert a[0].at_s == 0.0 and all(x.at_s < y.at_s for x, y in zip(a, a[1:], strict=False))
+    assert {r.size for r in a} == {256, 320}
+
+
+@pytest.mark.parametrize("process,cv", [("poisson", 1.0), ("bursty", 2.0), ("bursty", 3.0)])
+def test_gaps_have_the_asked_mean_rate_and_variability(process, cv):
+    gaps = interarrival_gaps(2.0, 200_000, process, np.random.default_rng(0), cv=cv)
+    assert gaps.mean() == pytest.approx(0.5, rel=0.03)
+    assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.05)
+
+
+def test_bad_arrival_parameters_name_the_field():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="rate"):
+        interarrival_gaps(0.0, 3, "poisson", rng)
+    with pytest.raises(ValueError, match="cv"):
+        interarrival_gaps(1.0, 3, "bursty", rng, cv=1.0)
+    with pytest.raises(ValueError, match="process"):
+        interarrival_gaps(1.0, 3, "uniform", rng)
+
+
+def test_abba_order_gives_every_mode_the_whole_schedule_once():
+    offered = offered_requests(1.0, 7, "bursty", seed=1, sizes=[256])
+    halves = level_order(["serial", "auto"], offered)
+    assert [(h.mode, h.index) for h in halves] == [("serial", 0), ("auto", 0), ("auto", 1), ("serial", 1)]
+    for mode in ("serial", "auto"):
+        mine = [h for h in halves if h.mode == mode]
+        assert [r.index for h in mine for r in h.requests] == list(range(7))
+    second = halves[2].requests
+    assert second[0].at_s == 0.0  # re-timed to start with the half
+    assert [r.at_s for r in second] == pytest.approx([r.at_s - offered[4].at_s for r in offered[4:]])
+    with pytest.raises(ValueError, match=">= 2"):
+        level_order(["serial"], offered[:1])
+
+
+def test_refusals_and_errors_are_misses_and_goodput_counts_only_images_in_time():
+    solo = {"a": 1.0, "b": 2.0}
+    first = [
+        Outcome(0, "a", 0.0, 1.4, "ok", "hybrid"),  # within 1.5 x 1.0
+        Outcome(1, "b", 0.5, 3.5, "ok", "serial"),  # over 1.5 x 2.0
+        Outcome(2, "a", 1.0, 0.01, "refused"),
+    ]
+    second = [Outcome(3, "b", 0.0, 2.9, "ok", "serial"), Outcome(4, "a", 0.2, 5.0, "error")]
+    row = level_row("auto", 0.8, "poisson", 1.5, [(first, 4.0), (second, 6.0)], solo)
+    assert row["requests"] == 5 and row["refused"] == 1 and row["errors"] == 1
+    assert row["attainment"] == pytest.approx(2 / 5)
+    assert json.loads(row["attainment_halves"]) == [pytest.approx(1 / 3, abs=1e-3), 0.5]
+    assert row["goodput_per_s"] == pytest.approx(2 / 10.0)
+    assert row["p50_s"] == pytest.approx(2.9)  # served requests only
+    assert row["refusal_max_s"] == pytest.approx(0.01)
+    assert json.loads(row["modes_run"]) == {"hybrid": 1, "serial": 2}
+    loose = level_row("auto", 0.8, "poisson", 2.0, [(first, 4.0), (second, 6.0)], solo)
+    assert loose["attainment"] == pytest.approx(3 / 5)
+
+
+def test_met_slo_boundary():
+    assert met_slo(Outcome(0, "a", 0.0, 2.0, "ok"), 2.0)
+    assert not met_slo(Outcome(0, "a", 0.0, 2.01, "ok"), 2.0)
+    assert not met_slo(Outcome(0, "a", 0.0, 0.1, "refused"), 2.0)
+
+
+def test_offered_keys_name_the_same_request():
+    assert Offered(0, 0.0, 2, 256).key == Offered(9, 3.0, 2, 256).key
+    assert Offered(0, 0.0, 2, 256).seed != Offered(0, 0.0, 2, 320).seed
+
+
+def test_outputs_have_a_row_per_level_and_a_panel_per_process_and_scale(tmp_path):
+    from loadtest.openloop import write_outputs
+
+    solo = {"a": 1.0}
+    rows = [
+        level_row(mode, load, process, scale, [([Outcome(0, "a", 0.0, 1.2, "ok", mode)], 1.2)], solo)
+        for process in ("poisson", "bursty")
+        for load in (0.5, 1.5)
+        for scale in (1.0, 2.0)
+        for mode in ("serial", "auto")
+    ]
+    write_outputs(rows, tmp_path, "header", [1.0, 2.0])
+    table = (tmp_path / "openloop.md").read_text().splitlines()
+    assert table[0] == "header" and len([line for line in table if line.startswith("| poisson")]) == 8
+    assert (tmp_path / "openloop.csv").read_text().count("\n") == len(rows) + 1
+    assert (tmp_path / "openloop.png").stat().st_size > 0
