@@ -50,9 +50,9 @@ class OneDevice:
         local = LocalPipeline(family, checkpoint, devices=1)
         self.local = local
         branches = local.branch_conditioning(PROMPTS[0], None)
-        extra = local.sampler.extra_conditioning(size, size)
-        side = size // local.sampler.vae_scale_factor
-        self.latent = torch.randn(1, local.sampler.latent_channels, side, side)
+        extra = local.latent_math.extra_conditioning(size, size)
+        side = size // local.latent_math.vae_scale_factor
+        self.latent = torch.randn(1, local.latent_math.latent_channels, side, side)
         self.timestep = torch.tensor([500.0])
         self.conditioning = {}
         for batch, names in ((1, (COND,)), (2, (UNCOND, COND))):

@@ -85,9 +85,9 @@ SD3_SIZES: dict[str, Sd3Size] = {
         bpe_merges=300,
         t5_vocab=600,
     ),
-    # For benchmarks: 64x64 latents (512x512 px: 1024 image tokens + 77 CLIP + 256 T5 tokens). 8 blocks of width
-    # 192 take ~0.28 s per batch-1 forward on one core; the last block is context-pre-only (lighter), which
-    # norm_out/proj_out on stage 1 make up for, so the two stages come out about even.
+    # For benchmarks: 64x64 latents (512x512 px: 1024 image tokens + 77 CLIP + 256 T5 tokens), a forward about as
+    # costly as the small SDXL U-Net's; the last block is context-pre-only (lighter), which norm_out/proj_out on
+    # stage 1 make up for, so the two stages come out about even.
     "small": Sd3Size(
         num_layers=8,
         heads=3,

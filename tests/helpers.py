@@ -34,7 +34,7 @@ def recorded_run(
     """Run one image and return its report and, per step, the (device, task, output) calls."""
     transport = RecordingTransport(local.denoisers)
     cond = local.branch_conditioning(prompt, negative)
-    _, report = asyncio.run(denoise_image(local.family, local.sampler, transport, cond, request))
+    _, report = asyncio.run(denoise_image(local.family, local.latent_math, transport, cond, request))
     per_step = len(transport.calls) // request.steps
     assert per_step * request.steps == len(transport.calls)
     steps: dict[int, list] = {}

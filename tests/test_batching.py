@@ -17,7 +17,7 @@ def task(local, seed: int, timestep: float, branches: int, stage=None, stale=Non
     cond = local.branch_conditioning(f"prompt {seed}", "blurry")
     names = ("uncond", "cond")[-branches:]
     merged = {k: torch.cat([cond[b][k] for b in names]) for k in cond["cond"]}
-    merged.update({k: v.expand(branches, -1) for k, v in local.sampler.extra_conditioning(64, 64).items()})
+    merged.update({k: v.expand(branches, -1) for k, v in local.latent_math.extra_conditioning(64, 64).items()})
     sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
     return DenoiseTask(sample, torch.tensor([timestep]), merged, stage, stale or {}, capture_stage, True)
 

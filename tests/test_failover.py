@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from hybridiff.load import DOWN_RETRY_SECONDS, LoadBoard
+from hybridiff.inflight import DOWN_RETRY_SECONDS, InFlightBoard
 from hybridiff.local import LocalPipeline
 from hybridiff.loop import DenoiseTask, DeviceUnavailable, ImageRequest, InProcessTransport, RunHooks, denoise_image
 from hybridiff.schedule import (
@@ -134,7 +134,7 @@ def request(mode: Mode) -> ImageRequest:
 
 def run(local: LocalPipeline, req: ImageRequest, transport, hooks=None):
     cond = local.branch_conditioning(PROMPT, "blurry")
-    latents, report = asyncio.run(denoise_image(local.family, local.sampler, transport, cond, req, hooks))
+    latents, report = asyncio.run(denoise_image(local.family, local.latent_math, transport, cond, req, hooks))
     return local.decoder.decode(latents)[0], report
 
 
@@ -210,7 +210,7 @@ class Clock:
 
 def test_a_down_device_is_avoided_then_probed_by_one_request_then_cleared(tmp_path):
     clock = Clock()
-    board = LoadBoard(tmp_path / "board.json", 2, clock=clock)
+    board = InFlightBoard(tmp_path / "board.json", 2, clock=clock)
     assert board.mark_down(1) == [True, False]
     seen = []
 
@@ -232,7 +232,7 @@ def test_a_down_device_is_avoided_then_probed_by_one_request_then_cleared(tmp_pa
 
 def test_a_failed_probe_renews_the_mark(tmp_path):
     clock = Clock()
-    board = LoadBoard(tmp_path / "board.json", 2, clock=clock)
+    board = InFlightBoard(tmp_path / "board.json", 2, clock=clock)
     board.mark_down(0)
     clock.now += DOWN_RETRY_SECONDS + 1
     assert board.up() == [True, True]
@@ -244,9 +244,9 @@ def test_a_failed_probe_renews_the_mark(tmp_path):
 def test_a_corrupt_board_is_reset_with_a_log_line(tmp_path, caplog, content):
     path = tmp_path / "board.json"
     path.write_text(content)
-    board = LoadBoard(path, 2)
+    board = InFlightBoard(path, 2)
     assert board.loads() == [0, 0] and board.up() == [True, True]
-    with caplog.at_level(logging.WARNING, logger="hybridiff.load"):
+    with caplog.at_level(logging.WARNING, logger="hybridiff.inflight"):
         with board.occupy(lambda loads, up: (None, (1,))):
             assert board.loads() == [0, 1]
     assert "unreadable" in caplog.text and "reset" in caplog.text
@@ -278,7 +278,7 @@ def test_which_errors_mean_the_device_is_gone(code, message, gone):
 
 def test_a_run_stopped_by_an_error_releases_its_devices(tmp_path):
     """A cancelled or timed-out run raises out of the loop: its devices must not stay busy on the board."""
-    board = LoadBoard(tmp_path / "board.json", 2)
+    board = InFlightBoard(tmp_path / "board.json", 2)
     with pytest.raises(RuntimeError, match="cancelled"):
         with board.occupy(lambda loads, up: (None, (0, 1))):
             assert board.loads() == [1, 1]

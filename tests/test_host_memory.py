@@ -20,8 +20,8 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     torch.set_num_threads(1)
     if sys.argv[1] == "placement":
-        from hybridiff.triton.common import Placement
-        Placement(torch.device("cpu"), torch.float32, None).apply(threads=1)
+        from hybridiff.triton.common import InstanceDevice
+        InstanceDevice(torch.device("cpu"), torch.float32, None).apply(threads=1)
     torch.manual_seed(0)
     layers = [m for _ in range(6) for m in (torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.SiLU())]
     net = torch.nn.Sequential(*layers)

@@ -85,7 +85,7 @@ def test_dynamic_shifting_uses_the_image_size_as_diffusers_does(sd3_tiny, tmp_pa
 
 
 def local_timesteps(pipeline: LocalPipeline) -> torch.Tensor:
-    return pipeline.sampler.new_scheduler(STEPS, SIZE, SIZE).timesteps
+    return pipeline.latent_math.new_scheduler(STEPS, SIZE, SIZE).timesteps
 
 
 def test_cfg_parallel_equals_serial_and_hybrid_k0_equals_cfg_parallel(local):
@@ -230,8 +230,8 @@ def test_prompt_too_long_for_t5_is_refused_naming_the_field_and_limit(local):
 
 
 def test_sizes_must_be_whole_patches(local):
-    assert local.sampler.size_multiple == 16  # VAE factor 8 x patch size 2, as the pipeline's check_inputs says
-    limits = Limits(size_multiple=local.sampler.size_multiple)
+    assert local.latent_math.size_multiple == 16  # VAE factor 8 x patch size 2, as the pipeline's check_inputs says
+    limits = Limits(size_multiple=local.latent_math.size_multiple)
     with pytest.raises(InvalidParameter, match="HEIGHT: 72 is not a multiple of 16"):
         parse_image_requests({"HEIGHT": np.array([72])}, local.family.defaults, limits, 1)
     (request,) = parse_image_requests({}, local.family.defaults, limits, 1)
@@ -240,7 +240,7 @@ def test_sizes_must_be_whole_patches(local):
 
 
 def test_position_table_bounds_the_image_size(sd3_tiny):
-    from hybridiff.families.sd3 import SD3Sampler
+    from hybridiff.families.sd3 import SD3LatentMath
 
-    sampler = SD3Sampler(sd3_tiny)
-    assert sampler.max_size == 1024  # pos_embed_max_size patches x patch size x VAE factor
+    latent_math = SD3LatentMath(sd3_tiny)
+    assert latent_math.max_size == 1024  # pos_embed_max_size patches x patch size x VAE factor

@@ -75,7 +75,7 @@ def test_stage_split_composes_to_the_whole_model(local):
     """Head -> middle -> tail, each fed the others' outputs of the same input, is the full model."""
     denoiser = local.denoisers[0]
     cond = local.branch_conditioning(PROMPT, NEGATIVE)["cond"]
-    cond = {**cond, **local.sampler.extra_conditioning(SIZE, SIZE)}
+    cond = {**cond, **local.latent_math.extra_conditioning(SIZE, SIZE)}
     sample = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500.0])
     full = denoiser.run(sample, t, cond)
@@ -91,7 +91,7 @@ def test_stage_split_composes_to_the_whole_model(local):
 
 def test_stage_without_its_stale_input_is_refused(local):
     denoiser = local.denoisers[0]
-    cond = {**local.branch_conditioning(PROMPT, NEGATIVE)["cond"], **local.sampler.extra_conditioning(SIZE, SIZE)}
+    cond = {**local.branch_conditioning(PROMPT, NEGATIVE)["cond"], **local.latent_math.extra_conditioning(SIZE, SIZE)}
     with pytest.raises(ValueError, match="needs stale"):
         denoiser.run(torch.zeros(1, 4, 8, 8), torch.tensor([1.0]), cond, stage=1, stale={})
 

@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from client.generate import generate, make_client, start_generate
 from export.make_repository import Deployment, write_repository
-from hybridiff.load import DOWN_RETRY_SECONDS
+from hybridiff.inflight import DOWN_RETRY_SECONDS
 from hybridiff.params import Limits
 from tests.helpers import max_pixel_diff
 from tools.triton_process import TritonServer

@@ -294,7 +294,7 @@ def _every_exchange_passes(family: str, folder: Path, sizes: list[tuple[int, int
     shapes = get_family(family).model_shapes(folder)
     limits = model_limits(Limits(max_height=256, max_width=256, max_batch=2).as_parameters(), shapes)
     local = LocalPipeline(family, folder)
-    assert (shapes.size_multiple, shapes.max_size) == (local.sampler.size_multiple, local.sampler.max_size)
+    assert (shapes.size_multiple, shapes.max_size) == (local.latent_math.size_multiple, local.latent_math.max_size)
     encoded = local.text_encoder.encode(["a fox", "a boat"], ["blurry", "dark"])
     assert check_text_conditioning({k: tuple(v.shape) for k, v in encoded.items()}, shapes, limits) == 2
     knobs = HybridKnobs(window=2, eps_slope=1.0, k=2, tau_cap=1, pipeline_warmup=1)
@@ -322,7 +322,7 @@ def _every_exchange_passes(family: str, folder: Path, sizes: list[tuple[int, int
                     for name, activation in output.activations.items():  # what the next stage is sent
                         assert tuple(activation.shape[1:]) == shapes.activations[name].shape(*latent), name
             assert staged > 0, f"{mode} at {height}x{width} ran no pipeline step"
-            latents = local.sampler.initial_noise(0, height, width).expand(2, -1, -1, -1)
+            latents = local.latent_math.initial_noise(0, height, width).expand(2, -1, -1, -1)
             assert check_vae_latents(tuple(latents.shape), shapes, limits) == 2
 
 

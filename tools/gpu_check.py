@@ -134,10 +134,11 @@ def stage_split_error(local, setup: Setup) -> tuple[bool, str]:
     """Stage 0 fed stage 1's same-step exports, then stage 1 fed stage 0's, against one whole pass."""
     import torch
 
-    denoiser, sampler = local.denoisers[0], local.sampler
-    cond = {**local.branch_conditioning(PROMPT, NEGATIVE)["cond"], **sampler.extra_conditioning(setup.side, setup.side)}
-    latent_side = setup.side // sampler.vae_scale_factor
-    sample = torch.randn(1, sampler.latent_channels, latent_side, latent_side,
+    denoiser, latent_math = local.denoisers[0], local.latent_math
+    extra = latent_math.extra_conditioning(setup.side, setup.side)
+    cond = {**local.branch_conditioning(PROMPT, NEGATIVE)["cond"], **extra}
+    latent_side = setup.side // latent_math.vae_scale_factor
+    sample = torch.randn(1, latent_math.latent_channels, latent_side, latent_side,
                          generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500.0])
     full = denoiser.run(sample, t, cond).eps.float()

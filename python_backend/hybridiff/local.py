@@ -32,7 +32,7 @@ class LocalPipeline:
         keep_freed_memory()  # as the server's stubs do, so local timings compare like with like
         self.family = get_family(family_name)
         self.text_encoder = self.family.load_text_encoder(folder, device, dtype)
-        self.sampler = self.family.load_sampler(folder)
+        self.latent_math = self.family.load_latent_math(folder)
         self.decoder = self.family.load_decoder(folder, device, dtype)
         self.denoisers = [self.family.load_denoiser(folder, device, dtype) for _ in range(devices)]
         self.transport: Transport = InProcessTransport(self.denoisers, threaded=threaded)
@@ -49,5 +49,5 @@ class LocalPipeline:
     ) -> tuple[np.ndarray, LoopReport, torch.Tensor]:
         """One image: uint8 HWC array, the loop's report, and the final latents."""
         cond = self.branch_conditioning(prompt, negative_prompt)
-        latents, report = asyncio.run(denoise_image(self.family, self.sampler, self.transport, cond, request))
+        latents, report = asyncio.run(denoise_image(self.family, self.latent_math, self.transport, cond, request))
         return self.decoder.decode(latents)[0], report, latents

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from .families.base import Conditioning, DenoiseOutput, Denoiser, Family, Sampler
+from .families.base import Conditioning, DenoiseOutput, Denoiser, Family, LatentMath
 from .schedule import (
     COND,
     UNCOND,
@@ -166,7 +166,7 @@ def _output_nbytes(output: DenoiseOutput) -> int:
 
 async def denoise_image(
     family: Family,
-    sampler: Sampler,
+    latent_math: LatentMath,
     transport: Transport,
     branch_cond: dict[str, Conditioning],
     request: ImageRequest,
@@ -191,9 +191,9 @@ async def denoise_image(
         pair=request.pair,
         mode_requested=request.mode_requested,
     )
-    scheduler = sampler.new_scheduler(request.steps, request.height, request.width)
-    latents = sampler.prepare_latents(scheduler, request.seed, request.height, request.width)
-    extra = sampler.extra_conditioning(request.height, request.width)
+    scheduler = latent_math.new_scheduler(request.steps, request.height, request.width)
+    latents = latent_math.prepare_latents(scheduler, request.seed, request.height, request.width)
+    extra = latent_math.extra_conditioning(request.height, request.width)
     cond = {branch: {**tensors, **extra} for branch, tensors in branch_cond.items()}
     stale: dict[str, torch.Tensor] = {}
     report = LoopReport(schedule={})
@@ -211,7 +211,7 @@ async def denoise_image(
                 schedule.continue_serially(step, device)
                 hooks.occupy(schedule.devices_in_use)
             report.placement_seconds += time.perf_counter() - step_started
-        model_input = sampler.scale_model_input(scheduler, latents, timestep)
+        model_input = latent_math.scale_model_input(scheduler, latents, timestep)
         while True:
             plan = schedule.plan(step)
             eps_devices = {a.device for a in plan.eps_assignments}
@@ -263,7 +263,7 @@ async def denoise_image(
         else:
             guided, step_rel_mae = eps[COND], None
         schedule.observe(step, step_rel_mae)
-        latents = sampler.step(scheduler, guided, timestep, latents)
+        latents = latent_math.step(scheduler, guided, timestep, latents)
         step_seconds = time.perf_counter() - step_started
         report.overhead_seconds += max(step_seconds - longest_compute, 0.0)
         phase = plan.phase.value

@@ -84,7 +84,7 @@ class ModelShapes:
     family: FamilyWire
     latent_channels: int
     vae_scale_factor: int
-    size_multiple: int  # image sides in pixels are multiples of this (see Sampler.size_multiple)
+    size_multiple: int  # image sides in pixels are multiples of this (see LatentMath.size_multiple)
     max_size: int | None  # the largest image side the model can run at, if it has one
     conditioning: Mapping[str, Shape]  # every per-branch denoiser input (the text encoder's outputs among them)
     activations: Mapping[str, ActivationShape]  # stale activations between pipeline stages

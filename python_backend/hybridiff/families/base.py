@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..schedule import COND, UNCOND
-from ..stale import StageSplit, run_stage
+from ..stages import StageSplit, run_stage
 from ..validation import ModelShapes
 from ..wire import FamilyDefaults, FamilyWire, Tensor
 
@@ -170,17 +170,42 @@ class Family(ABC):
         """Wire names of the stale activations stage ``stage`` reads (the other stages' exports)."""
         return self.wire.stage_imports(stage)
 
-    @abstractmethod
-    def load_text_encoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> TextEncoder: ...
+    # What a family is made of; the loaders below build each piece from a checkpoint folder.
+    text_encoder_class: type[TextEncoder]
+    denoiser_class: type[Denoiser]
+    denoiser_model_class: type  # the diffusers model: UNet2DConditionModel, SD3Transformer2DModel
+    denoiser_subfolder: str
+    latent_math_class: type[LatentMath]
+    decoder_upcasts: bool  # decode fp16 in fp32 when the VAE config says so (the SDXL pipeline does, SD3's not)
 
-    @abstractmethod
-    def load_denoiser(self, folder: Path, device: torch.device, dtype: torch.dtype) -> Denoiser: ...
+    def load_text_encoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+        return self.text_encoder_class(folder, device, dtype)
 
-    @abstractmethod
-    def load_decoder(self, folder: Path, device: torch.device, dtype: torch.dtype): ...
+    def load_denoiser(self, folder: Path, device: torch.device, dtype: torch.dtype) -> Denoiser:
+        model = self.denoiser_model_class.from_pretrained(folder, subfolder=self.denoiser_subfolder, dtype=dtype)
+        return self.denoiser_class(model, device, dtype)
 
-    @abstractmethod
-    def load_sampler(self, folder: Path) -> Sampler: ...
+    def load_decoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> VaeDecoder:
+        return VaeDecoder(folder, device, dtype, honor_force_upcast=self.decoder_upcasts)
+
+    def load_latent_math(self, folder: Path) -> LatentMath:
+        return self.latent_math_class(folder)
+
+    def denoiser_config(self, folder: Path) -> dict[str, Any]:
+        return self.denoiser_model_class.load_config(folder, subfolder=self.denoiser_subfolder)
+
+    def _shapes(self, folder: Path, conditioning: dict, activations: dict) -> ModelShapes:
+        """:class:`ModelShapes` of this checkpoint: the latent space from its configs, plus the family's tensors."""
+        latent_math = self.load_latent_math(folder)
+        return ModelShapes(
+            family=self.wire,
+            latent_channels=latent_math.latent_channels,
+            vae_scale_factor=latent_math.vae_scale_factor,
+            size_multiple=latent_math.size_multiple,
+            max_size=latent_math.max_size,
+            conditioning=conditioning,
+            activations=activations,
+        )
 
     @abstractmethod
     def model_shapes(self, folder: Path) -> ModelShapes:
@@ -194,8 +219,10 @@ def tokenizer_max_length(folder: Path, subfolder: str = "tokenizer") -> int:
     return int(config["model_max_length"])
 
 
-class Sampler(ABC):
-    """Orchestrator-side math: latents, timesteps, extra conditioning, scheduler steps.
+class LatentMath(ABC):
+    """The pipeline's math between denoiser passes: initial latents, timesteps, extra conditioning
+    (SDXL's time ids), input scaling and the scheduler step. It runs where guidance is combined (the
+    orchestrator); "scheduler" stays the diffusers scheduler it drives.
 
     Reads only configs from the checkpoint folder (no weights), so the orchestrator stays light.
     """

@@ -19,16 +19,15 @@ from diffusers.models.attention import JointTransformerBlock
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from ..params import InvalidParameter
-from ..stale import StageSplit
+from ..stages import StageSplit
 from ..validation import FixedShape, ImageTokens, ModelShapes
 from ..wire import SD3 as SD3_WIRE
 from .base import (
     Conditioning,
     Denoiser,
     Family,
-    Sampler,
+    LatentMath,
     TextEncoder,
-    VaeDecoder,
     branch_tensors,
     tokenizer_max_length,
     vae_scale_factor,
@@ -142,7 +141,7 @@ class SD3TextEncoder(TextEncoder):
         )
 
 
-class SD3Sampler(Sampler):
+class SD3LatentMath(LatentMath):
     """Flow matching as StableDiffusion3Pipeline runs it: unit noise at sigma 1, the timestep fed unscaled."""
 
     def __init__(self, folder: Path) -> None:
@@ -191,22 +190,16 @@ class SD3Sampler(Sampler):
 class SD3Family(Family):
     wire = SD3_WIRE
 
-    def load_text_encoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> SD3TextEncoder:
-        return SD3TextEncoder(folder, device, dtype)
-
-    def load_denoiser(self, folder: Path, device: torch.device, dtype: torch.dtype) -> SD3Denoiser:
-        transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype)
-        return SD3Denoiser(transformer, device, dtype)
-
-    def load_decoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> VaeDecoder:
-        return VaeDecoder(folder, device, dtype, honor_force_upcast=False)
-
-    def load_sampler(self, folder: Path) -> SD3Sampler:
-        return SD3Sampler(folder)
+    text_encoder_class = SD3TextEncoder
+    denoiser_class = SD3Denoiser
+    denoiser_model_class = SD3Transformer2DModel
+    denoiser_subfolder = "transformer"
+    latent_math_class = SD3LatentMath
+    decoder_upcasts = False
 
     def model_shapes(self, folder: Path) -> ModelShapes:
-        sampler = SD3Sampler(folder)
-        config = SD3Transformer2DModel.load_config(folder, subfolder="transformer")
+        config = self.denoiser_config(folder)
+        patch_size = self.load_latent_math(folder).patch_size
         # CLIP's tokens, then T5's (SD3TextEncoder pads T5 to MAX_SEQUENCE_LENGTH), at T5's width.
         tokens = tokenizer_max_length(folder) + MAX_SEQUENCE_LENGTH
         text = {
@@ -214,15 +207,11 @@ class SD3Family(Family):
             "POOLED_EMBEDS": (config["pooled_projection_dim"],),
         }
         width = config["num_attention_heads"] * config["attention_head_dim"]
-        return ModelShapes(
-            family=self.wire,
-            latent_channels=sampler.latent_channels,
-            vae_scale_factor=sampler.vae_scale_factor,
-            size_multiple=sampler.size_multiple,
-            max_size=sampler.max_size,
+        return self._shapes(
+            folder,
             conditioning=text,
             activations={
-                MIDDLE_HIDDEN: ImageTokens(sampler.patch_size, width),
+                MIDDLE_HIDDEN: ImageTokens(patch_size, width),
                 MIDDLE_ENCODER: FixedShape((tokens, config["caption_projection_dim"])),
             },
         )

@@ -15,16 +15,15 @@ import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D
 
-from ..stale import StageSplit
+from ..stages import StageSplit
 from ..validation import FeatureMap, ModelShapes
 from ..wire import SDXL as SDXL_WIRE
 from .base import (
     Conditioning,
     Denoiser,
     Family,
-    Sampler,
+    LatentMath,
     TextEncoder,
-    VaeDecoder,
     branch_tensors,
     tokenizer_max_length,
     vae_scale_factor,
@@ -126,7 +125,7 @@ class SDXLTextEncoder(TextEncoder):
         )
 
 
-class SDXLSampler(Sampler):
+class SDXLLatentMath(LatentMath):
     def __init__(self, folder: Path) -> None:
         unet_config = UNet2DConditionModel.load_config(folder, subfolder="unet")
         self.latent_channels = unet_config["in_channels"]
@@ -150,24 +149,17 @@ class SDXLSampler(Sampler):
 class SDXLFamily(Family):
     wire = SDXL_WIRE
 
-    def load_text_encoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> SDXLTextEncoder:
-        return SDXLTextEncoder(folder, device, dtype)
-
-    def load_denoiser(self, folder: Path, device: torch.device, dtype: torch.dtype) -> SDXLDenoiser:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype)
-        return SDXLDenoiser(unet, device, dtype)
-
-    def load_decoder(self, folder: Path, device: torch.device, dtype: torch.dtype) -> VaeDecoder:
-        return VaeDecoder(folder, device, dtype, honor_force_upcast=True)
-
-    def load_sampler(self, folder: Path) -> SDXLSampler:
-        return SDXLSampler(folder)
+    text_encoder_class = SDXLTextEncoder
+    denoiser_class = SDXLDenoiser
+    denoiser_model_class = UNet2DConditionModel
+    denoiser_subfolder = "unet"
+    latent_math_class = SDXLLatentMath
+    decoder_upcasts = True
 
     def model_shapes(self, folder: Path) -> ModelShapes:
-        sampler = SDXLSampler(folder)
-        unet = UNet2DConditionModel.load_config(folder, subfolder="unet")
+        unet = self.denoiser_config(folder)
         channels = unet["block_out_channels"]
-        time_ids = 6  # SDXLSampler.extra_conditioning
+        time_ids = 6  # SDXLLatentMath.extra_conditioning
         # The add-embedding reads the pooled text embedding and the time ids' embeddings side by side.
         text_embeds = unet["projection_class_embeddings_input_dim"] - time_ids * unet["addition_time_embed_dim"]
         text = {
@@ -177,12 +169,8 @@ class SDXLFamily(Family):
         # Both exports live at the lowest resolution (sdxl_split): the middle's last output (the deepest
         # block's width) and the output of the head's last block, after its downsampler.
         lowest = len(channels) - 1
-        return ModelShapes(
-            family=self.wire,
-            latent_channels=sampler.latent_channels,
-            vae_scale_factor=sampler.vae_scale_factor,
-            size_multiple=sampler.size_multiple,
-            max_size=sampler.max_size,
+        return self._shapes(
+            folder,
             conditioning={**text, "TIME_IDS": (time_ids,)},
             activations={MIDDLE_ACT: FeatureMap(channels[-1], lowest), HEAD_ACT: FeatureMap(channels[-2], lowest)},
         )

@@ -1,4 +1,4 @@
-"""Glue shared by the Triton Python-backend models: config, placement, tensors, errors.
+"""Glue shared by the Triton Python-backend models: config, instance device, tensors, errors.
 
 Imported only inside the Triton stub (``triton_python_backend_utils`` exists nowhere else), except
 for the plain helpers at the top, which tests use directly.
@@ -18,7 +18,7 @@ from ..host_memory import keep_freed_memory
 
 
 @dataclass(frozen=True)
-class Placement:
+class InstanceDevice:
     """Where a model instance computes: the torch device, its dtype, and (on CPU) its cores."""
 
     device: torch.device
@@ -75,15 +75,15 @@ def resolve_checkpoint(value: str, model_dir: str) -> Path:
     return path
 
 
-def placement_from_args(args: dict, params: dict[str, str]) -> Placement:
+def instance_device_from_args(args: dict, params: dict[str, str]) -> InstanceDevice:
     """KIND_GPU instances use cuda:<device_id> (the stub does not select it for us); CPU instances
     use the cores listed in the ``cpu_cores`` parameter."""
     if args.get("model_instance_kind") == "GPU":
         device = torch.device(f"cuda:{int(args['model_instance_device_id'])}")
-        return Placement(device, torch_dtype(params.get("dtype", "float16")), None)
+        return InstanceDevice(device, torch_dtype(params.get("dtype", "float16")), None)
     cores = params.get("cpu_cores", "")
     cpu_cores = tuple(int(c) for c in cores.split(",") if c.strip()) or None
-    return Placement(torch.device("cpu"), torch_dtype(params.get("dtype", "float32")), cpu_cores)
+    return InstanceDevice(torch.device("cpu"), torch_dtype(params.get("dtype", "float32")), cpu_cores)
 
 
 @dataclass(frozen=True)
@@ -93,16 +93,16 @@ class ModelContext:
     name: str
     params: dict[str, str]
     checkpoint: Path
-    placement: Placement
+    instance: InstanceDevice
 
 
 def model_context(args: dict) -> ModelContext:
     config = json.loads(args["model_config"])
     params = config_parameters(config)
-    placement = placement_from_args(args, params)
-    placement.apply(int(params.get("torch_threads", "1")))
+    instance = instance_device_from_args(args, params)
+    instance.apply(int(params.get("torch_threads", "1")))
     checkpoint = resolve_checkpoint(params["checkpoint"], args["model_repository"])
-    return ModelContext(args["model_name"], params, checkpoint, placement)
+    return ModelContext(args["model_name"], params, checkpoint, instance)
 
 
 # --- Triton tensors (only inside the stub) ---------------------------------------------------

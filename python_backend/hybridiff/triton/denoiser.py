@@ -27,7 +27,7 @@ class TritonPythonModel:
         self.limits = model_limits(context.params, self.shapes)
         self.max_device_batch = int(context.params["max_device_batch"])
         self.denoiser = self.family.load_denoiser(
-            context.checkpoint, context.placement.device, context.placement.dtype
+            context.checkpoint, context.instance.device, context.instance.dtype
         )
 
     def execute(self, requests):

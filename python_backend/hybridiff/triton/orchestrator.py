@@ -22,7 +22,7 @@ from .. import wire
 from ..admission import QueueLimits, admit
 from ..families import get_family
 from ..families.base import DenoiseOutput, Family
-from ..load import LoadBoard, Occupancy, default_board_path, remove_dead_boards
+from ..inflight import InFlightBoard, Occupancy, default_board_path, remove_dead_boards
 from ..loop import DenoiseTask, DeviceUnavailable, ImageRequest, RunHooks, denoise_image
 from ..params import InvalidParameter, parse_image_requests
 from ..schedule import COND, UNCOND, NoDeviceLeft, place_request
@@ -178,18 +178,18 @@ class TritonPythonModel:
         context = model_context(args)
         params = context.params
         self.family = get_family(params["family"])
-        self.sampler = self.family.load_sampler(context.checkpoint)
+        self.latent_math = self.family.load_latent_math(context.checkpoint)
         self.shapes = self.family.model_shapes(context.checkpoint)
         self.limits = model_limits(params, self.shapes)
         self.transport = BLSTransport(
             self.family,
             params["denoisers"].split(","),
-            context.placement.dtype,
+            context.instance.dtype,
             gpu_memory=params.get("bls_memory", "cpu") == "gpu",
         )
         board_path = default_board_path()
         remove_dead_boards(board_path.parent)
-        self.board = LoadBoard(board_path, self.transport.num_devices)
+        self.board = InFlightBoard(board_path, self.transport.num_devices)
         self.metrics = OrchestratorMetrics(self.family.name)
         self.queues = QueueLimits(
             max_per_device=int(params.get("max_per_device", "0")),
@@ -217,7 +217,9 @@ class TritonPythonModel:
             )
             devices = list(placement.devices)
             hooks = BoardHooks(occupancy, devices, request, deadline, self.pb.Logger)
-            latents, report = await denoise_image(self.family, self.sampler, self.transport, branch_cond, placed, hooks)
+            latents, report = await denoise_image(
+                self.family, self.latent_math, self.transport, branch_cond, placed, hooks
+            )
         summary = {"seed": image_request.seed, **report.as_dict(), "devices": devices, "loads_seen": loads}
         self.metrics.record(summary)
         return latents, summary

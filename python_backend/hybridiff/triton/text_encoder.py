@@ -13,7 +13,7 @@ class TritonPythonModel:
         context = model_context(args)
         family = get_family(context.params["family"])
         self.limits = Limits.from_parameters(context.params)
-        self.encoder = family.load_text_encoder(context.checkpoint, context.placement.device, context.placement.dtype)
+        self.encoder = family.load_text_encoder(context.checkpoint, context.instance.device, context.instance.dtype)
 
     def execute(self, requests):
         responses = []

@@ -17,7 +17,7 @@ class TritonPythonModel:
         family = get_family(context.params["family"])
         self.shapes = family.model_shapes(context.checkpoint)
         self.limits = model_limits(context.params, self.shapes)
-        self.decoder = family.load_decoder(context.checkpoint, context.placement.device, context.placement.dtype)
+        self.decoder = family.load_decoder(context.checkpoint, context.instance.device, context.instance.dtype)
 
     def execute(self, requests):
         responses = []

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from hybridiff.load import LoadBoard
+from hybridiff.inflight import InFlightBoard
 from hybridiff.schedule import Mode, place_request
 
 
@@ -39,7 +39,7 @@ def test_explicit_modes_are_kept_and_spread(mode):
 
 
 def test_board_counts_and_releases(tmp_path):
-    board = LoadBoard(tmp_path / "board.json", 2)
+    board = InFlightBoard(tmp_path / "board.json", 2)
     assert board.loads() == [0, 0]
     with board.occupy(lambda loads, up: (place_request(Mode.AUTO, loads, True), (0, 1))) as first:
         assert first.decision.mode is Mode.HYBRID
@@ -54,7 +54,7 @@ def test_board_counts_and_releases(tmp_path):
 
 
 def _hold(path: str, ready, release) -> None:
-    board = LoadBoard(path, 2)
+    board = InFlightBoard(path, 2)
     with board.occupy(lambda loads, up: (None, (1,))):
         ready.set()
         release.wait(10)
@@ -67,7 +67,7 @@ def test_board_is_shared_between_processes_and_forgets_dead_ones(tmp_path):
     holder = ctx.Process(target=_hold, args=(path, ready, release))
     holder.start()
     assert ready.wait(10)
-    board = LoadBoard(path, 2)
+    board = InFlightBoard(path, 2)
     assert board.loads() == [0, 1]
     os.kill(holder.pid, 9)  # dies without releasing
     holder.join()
@@ -77,7 +77,7 @@ def test_board_is_shared_between_processes_and_forgets_dead_ones(tmp_path):
 def test_reading_the_loads_does_not_write_the_board(tmp_path):
     """An auto run reads the board before every step: a read must not rewrite the file (a write on a
     disk-backed /tmp can wait for the journal, tens of ms in the server)."""
-    board = LoadBoard(tmp_path / "board.json", 2)
+    board = InFlightBoard(tmp_path / "board.json", 2)
     with board.occupy(lambda loads, up: (None, (0,))):
         before = (board.path.read_text(), board.path.stat().st_mtime_ns)
         for _ in range(3):
@@ -86,7 +86,7 @@ def test_reading_the_loads_does_not_write_the_board(tmp_path):
 
 
 def test_the_server_board_lives_in_memory_where_there_is_shared_memory():
-    from hybridiff.load import default_board_path
+    from hybridiff.inflight import default_board_path
 
     path = default_board_path()
     assert path.name == f"hybridiff-load-{os.getppid()}.json"
@@ -103,7 +103,7 @@ def test_boards_of_servers_that_stopped_are_removed_and_live_ones_kept(tmp_path)
     import subprocess
     import sys
 
-    from hybridiff.load import remove_dead_boards
+    from hybridiff.inflight import remove_dead_boards
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True)

@@ -35,7 +35,7 @@ def default_board_path() -> Path:
     """One board per running server (the stub's parent process is the tritonserver), in memory.
 
     /dev/shm is RAM; on a disk-backed /tmp a write can wait for the filesystem's journal, and the
-    board is read before every step of an ``auto`` run (measured: up to 26 ms per step on /tmp).
+    board is read before every step of an ``auto`` run (what that cost on /tmp: docs/performance.md).
     """
     shm = Path("/dev/shm")
     folder = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
@@ -96,7 +96,7 @@ def _parse(text: str) -> _State:
     return _State(entries, down)
 
 
-class LoadBoard:
+class InFlightBoard:
     def __init__(self, path: Path, num_devices: int, clock=time.time) -> None:
         self.path = Path(path)
         self.num_devices = num_devices
@@ -202,7 +202,7 @@ class Occupancy:
     """One request's entry on the board: the decision it was placed by, its devices, and the devices
     it probes (placed on although marked down, their mark having expired)."""
 
-    def __init__(self, board: LoadBoard, key: str, decision, probing: set[int] | None = None) -> None:
+    def __init__(self, board: InFlightBoard, key: str, decision, probing: set[int] | None = None) -> None:
         self.board, self.key, self.decision = board, key, decision
         self.probing = set(probing or ())
 
