@@ -24,12 +24,13 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 WORKDIR /opt/hybridiff
 COPY requirements.txt pyproject.toml ./
-# torch: the version pinned in requirements.txt, CUDA build. PyPI's Linux wheel of torch 2.13.0 is built
-# for CUDA 13.0 (driver >= 580); for an older driver pass e.g.
-# --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 if that index has the version.
-ARG TORCH_INDEX_URL=https://pypi.org/simple
+# torch: the version pinned in requirements.txt, CUDA build. The default index's Linux wheel of torch 2.13.0
+# is built for CUDA 13.0 (driver >= 580); for an older driver pass --build-arg TORCH_INDEX_URL=<PyTorch's
+# index for your CUDA version> if that index has the version. Empty: pip's default index.
+ARG TORCH_INDEX_URL=
 RUN python -m pip install --no-cache-dir --upgrade pip \
- && python -m pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "$(grep -E '^torch==' requirements.txt | cut -d' ' -f1)" \
+ && python -m pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+      "$(grep -E '^torch==' requirements.txt | cut -d' ' -f1)" \
  && grep -vE '^(torch|locust|pytest|ruff|matplotlib|kubernetes-validate)==' requirements.txt > /tmp/serve-requirements.txt \
  && python -m pip install --no-cache-dir -r /tmp/serve-requirements.txt
 
