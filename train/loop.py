@@ -60,6 +60,7 @@ def run(
     grad_clip: float = 1.0,
     checkpoint_seconds: float = 180.0,
     max_seconds: float | None = None,
+    log_every: int = 50,
 ) -> int:
     """Train until ``total_steps`` (or ``max_seconds`` this call); returns the steps done so far in all.
 
@@ -121,7 +122,7 @@ def run(
             step += 1
             losses.append(loss.item())
             bar.update(1)
-            if step % 50 == 0 or step == total_steps:
+            if step % log_every == 0 or step == total_steps:
                 mean = sum(losses) / len(losses)
                 log.write(f"{step},{mean:.6f},{time.monotonic() - start:.1f}\n")
                 log.flush()

@@ -157,22 +157,27 @@ def _text_parts(family: str, size: TrainSize, folder: Path, seed: int):
     return tokenizers, encoders
 
 
-def train_denoiser(family: str, size: TrainSize, state_dir: Path, vae: AutoencoderKL, hyper: Hyper,
-                   **run_kwargs) -> tuple[dict[str, torch.nn.Module], list, int]:
-    """Train (or resume) the family's denoiser and text encoders; returns the EMA modules, tokenizers, steps done."""
-    tokenizer_dir = state_dir / f"tokenizers-{family}"
-    tokenizers, encoders = _text_parts(family, size, tokenizer_dir, hyper.seed)
-    torch.manual_seed(hyper.seed + 3)
+def denoiser_parts(family: str, size: TrainSize, state_dir: Path, seed: int):
+    """Freshly initialised (seeded) denoiser and text encoders, the tokenizers, and the training scheduler."""
+    tokenizers, encoders = _text_parts(family, size, state_dir / f"tokenizers-{family}", seed)
+    torch.manual_seed(seed + 3)
     if family == "sdxl":
         spec = size.sdxl
         denoiser = make_unet(spec, text_embed_dim=spec.te_hidden + spec.te2_hidden, pooled_dim=spec.te2_hidden)
         scheduler = make_scheduler("ddim")
-        embed = sdxl_embeddings
     else:
         denoiser = make_transformer(size.sd3)
         scheduler = make_flow_scheduler()
-        embed = sd3_embeddings
     modules = {"denoiser": denoiser, **{f"text_encoder_{i}": e for i, e in enumerate(encoders)}}
+    return modules, tokenizers, encoders, scheduler
+
+
+def train_denoiser(family: str, size: TrainSize, state_dir: Path, vae: AutoencoderKL, hyper: Hyper,
+                   **run_kwargs) -> tuple[dict[str, torch.nn.Module], list, int]:
+    """Train (or resume) the family's denoiser and text encoders; returns the EMA modules, tokenizers, steps done."""
+    modules, tokenizers, encoders, scheduler = denoiser_parts(family, size, state_dir, hyper.seed)
+    denoiser = modules["denoiser"]
+    embed = sdxl_embeddings if family == "sdxl" else sd3_embeddings
     text_params = [p for e in encoders for p in e.parameters()]
     optimizer = torch.optim.AdamW(
         [{"params": denoiser.parameters(), "lr": hyper.lr}, {"params": text_params, "lr": hyper.text_lr}],
@@ -251,3 +256,13 @@ def export(family: str, out_dir: Path, state_dir: Path, vae: AutoencoderKL, modu
             index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     return build_folder(Path(out_dir), write, lambda: None, f"trained {family} checkpoint", force=True)
+
+
+def export_from_state(family: str, size: TrainSize, state_dir: Path, out_dir: Path, seed: int = 0) -> tuple[Path, int]:
+    """Write ``out_dir`` from the EMA weights of the last saved state (a run may still be going); returns the step."""
+    vae = AutoencoderKL.from_pretrained(state_dir / f"vae-{family}")
+    modules, tokenizers, _, _ = denoiser_parts(family, size, state_dir, seed)
+    state = torch.load(state_dir / f"{family}-denoiser.pt", map_location="cpu", weights_only=False)
+    for key, module in modules.items():
+        module.load_state_dict(state["emas"][key])
+    return export(family, out_dir, state_dir, vae, modules, tokenizers), state["step"]
