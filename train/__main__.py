@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8000, help="denoiser steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--text-lr", type=float, default=1e-3)
+    parser.add_argument("--text-lr", type=float, default=1e-3, help="0 freezes the text encoders")
     parser.add_argument("--drop", type=float, default=0.1, help="caption dropout (classifier-free guidance)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")

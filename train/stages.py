@@ -33,7 +33,7 @@ class Hyper:
     steps: int
     batch: int = 32
     lr: float = 5e-4
-    text_lr: float = 1e-3
+    text_lr: float = 1e-3  # 0: text encoders frozen at their random initialisation
     drop: float = 0.1  # caption dropout for classifier-free guidance
     ema: float = 0.999
     seed: int = 0
@@ -178,11 +178,13 @@ def train_denoiser(family: str, size: TrainSize, state_dir: Path, vae: Autoencod
     modules, tokenizers, encoders, scheduler = denoiser_parts(family, size, state_dir, hyper.seed)
     denoiser = modules["denoiser"]
     embed = sdxl_embeddings if family == "sdxl" else sd3_embeddings
-    text_params = [p for e in encoders for p in e.parameters()]
-    optimizer = torch.optim.AdamW(
-        [{"params": denoiser.parameters(), "lr": hyper.lr}, {"params": text_params, "lr": hyper.text_lr}],
-        weight_decay=0.0,
-    )
+    groups = [{"params": list(denoiser.parameters()), "lr": hyper.lr}]
+    if hyper.text_lr > 0:
+        groups.append({"params": [p for e in encoders for p in e.parameters()], "lr": hyper.text_lr})
+    else:  # frozen text encoders (the first attempt's set-up, kept for comparison)
+        for encoder in encoders:
+            encoder.requires_grad_(False)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     emas = {k: loop.Ema(m, hyper.ema) for k, m in modules.items()}
     vae.eval().requires_grad_(False)
     side = size.image_size
