@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from train.components import TRAIN_SIZES
-from train.stages import Hyper, export, train_denoiser, train_vae
+from train.stages import Hyper, export, train_denoiser, train_serving_vae, train_vae
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,13 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "max_seconds": None if args.minutes is None else args.minutes * 60}
     vae = train_vae(size, args.family, args.state, Hyper(steps=args.vae_steps, batch=32, lr=1e-3, seed=args.seed),
                     **run_kwargs)
+    serving_vae = train_serving_vae(size, args.family, args.state, vae,
+                                    Hyper(steps=args.vae_steps, batch=16, lr=1e-3, seed=args.seed), **run_kwargs)
     hyper = Hyper(steps=args.steps, batch=args.batch, lr=args.lr, text_lr=args.text_lr, drop=args.drop,
                   seed=args.seed)
     modules, tokenizers, done = train_denoiser(args.family, size, args.state, vae, hyper, **run_kwargs)
     if done < args.steps and not args.export_now:
         print(f"{args.family}: stopped at step {done} of {args.steps}; run again to resume", file=sys.stderr)
         return 0
-    export(args.family, args.out, args.state, vae, modules, tokenizers)
+    export(args.family, args.out, args.state, serving_vae, modules, tokenizers)
     return 0
 
 

@@ -105,6 +105,14 @@ def make_vae(size: TrainSize, family: str) -> AutoencoderKL:
     )
 
 
+def make_serving_vae(size: TrainSize, family: str) -> AutoencoderKL:
+    """The VAE the checkpoints ship: one level more than the training VAE (scale factor 8, as SDXL's and SD3's),
+    so the same 8x8 latents decode to 64x64 images, the smallest size the server accepts."""
+    wider = TrainSize(size.image_size * 2, VaeSize((*size.vae.channels, size.vae.channels[-1]), size.vae.norm_groups),
+                      size.sdxl, size.sd3)
+    return make_vae(wider, family)
+
+
 def data_words() -> list[str]:
     """Every word a caption of the data can hold."""
     words = [*COLOURS, *SHAPES, "a"]

@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--checkpoint", type=Path)
     source.add_argument("--state", type=Path, help="a training state folder (python -m train --state)")
     parser.add_argument("--size", default="shapes", help="training size of --state")
+    parser.add_argument("--vae", default=None, help="VAE folder name in --state (default: the shipped one if trained)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[5.0, 1.0])
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--per-prompt", type=int, default=4)
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from train.stages import export_from_state
 
             folder, report["train_step"] = export_from_state(args.family, TRAIN_SIZES[args.size], args.state,
-                                                             Path(tmp) / "ckpt")
+                                                             Path(tmp) / "ckpt", vae_name=args.vae)
         size = json.loads((folder / "vae" / "config.json").read_text())["sample_size"]
         report.update(evaluate(args.family, folder, args.guidance, args.steps, args.per_prompt, args.split, size,
                                args.grid))

@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL
 from export.build_checkpoint import TOKENIZER_PAD_TOKENS, build_folder, make_scheduler, make_text_encoder, make_unet
 from export.sd3_checkpoint import make_flow_scheduler, make_t5_encoder, make_t5_tokenizer, make_transformer
 from train import loop
-from train.components import TrainSize, make_vae, write_tokenizers
+from train.components import TrainSize, make_serving_vae, make_vae, write_tokenizers
 from train.data import make_batch
 
 MAX_TOKENS = 77  # CLIP's context, as the pipelines pad to
@@ -73,6 +73,45 @@ def train_vae(size: TrainSize, family: str, state_dir: Path, hyper: Hyper, **run
         raise SystemExit(f"vae-{family}: stopped at step {done} of {hyper.steps}; run again to resume")
     vae.eval()
     set_latent_scale(vae, size, family, hyper.seed)
+    vae.save_pretrained(folder)
+    return vae
+
+
+def train_serving_vae(size: TrainSize, family: str, state_dir: Path, base: AutoencoderKL, hyper: Hyper,
+                      **run_kwargs) -> AutoencoderKL:
+    """Train the shipped VAE (scale factor 8) into ``base``'s latent space, so the denoiser trained on ``base``'s
+    latents draws 2x larger images through it.
+
+    The decoder learns to draw the same example at twice the side (the generator draws it again at 2x) from
+    ``base``'s latents of the small one; the encoder learns to give ``base``'s latent distribution for the large one.
+    The latent scale and shift are ``base``'s.
+    """
+    folder = state_dir / f"vae-{family}-x2"
+    if (folder / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(folder)
+    torch.manual_seed(hyper.seed + 5)
+    vae = make_serving_vae(size, family)
+    base.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=hyper.lr, weight_decay=0.0)
+
+    def step_fn(step: int) -> torch.Tensor:
+        small, _ = _images(size, hyper.seed + 1, step, hyper.batch)
+        large, _ = make_batch(hyper.seed + 1, step * hyper.batch, hyper.batch, size.image_size * 2)
+        large = torch.from_numpy(large)
+        with torch.no_grad():
+            target = base.encode(small).latent_dist
+        posterior = vae.encode(large).latent_dist
+        z = target.mean + target.std * torch.randn(target.mean.shape, generator=loop.step_generator(hyper.seed, step))
+        recon = vae.decode(z).sample
+        encoder_loss = F.mse_loss(posterior.mean, target.mean) + F.mse_loss(posterior.std, target.std)
+        return F.mse_loss(recon, large) + encoder_loss
+
+    done = loop.run(f"vae-{family}-x2", state_dir / f"vae-{family}-x2.pt", {"vae": vae}, optimizer, step_fn,
+                    hyper.steps, **run_kwargs)
+    if done < hyper.steps:
+        raise SystemExit(f"vae-{family}-x2: stopped at step {done} of {hyper.steps}; run again to resume")
+    vae.eval()
+    vae.register_to_config(scaling_factor=base.config.scaling_factor, shift_factor=base.config.shift_factor)
     vae.save_pretrained(folder)
     return vae
 
@@ -260,9 +299,15 @@ def export(family: str, out_dir: Path, state_dir: Path, vae: AutoencoderKL, modu
     return build_folder(Path(out_dir), write, lambda: None, f"trained {family} checkpoint", force=True)
 
 
-def export_from_state(family: str, size: TrainSize, state_dir: Path, out_dir: Path, seed: int = 0) -> tuple[Path, int]:
-    """Write ``out_dir`` from the EMA weights of the last saved state (a run may still be going); returns the step."""
-    vae = AutoencoderKL.from_pretrained(state_dir / f"vae-{family}")
+def export_from_state(family: str, size: TrainSize, state_dir: Path, out_dir: Path, seed: int = 0,
+                      vae_name: str | None = None) -> tuple[Path, int]:
+    """Write ``out_dir`` from the EMA weights of the last saved state (a run may still be going); returns the step.
+
+    ``vae_name``: the VAE folder in ``state_dir`` to ship (default: the serving VAE if trained, else the base one).
+    """
+    if vae_name is None:
+        vae_name = f"vae-{family}-x2" if (state_dir / f"vae-{family}-x2" / "config.json").is_file() else f"vae-{family}"
+    vae = AutoencoderKL.from_pretrained(state_dir / vae_name)
     modules, tokenizers, _, _ = denoiser_parts(family, size, state_dir, seed)
     state = torch.load(state_dir / f"{family}-denoiser.pt", map_location="cpu", weights_only=False)
     for key, module in modules.items():
