@@ -40,7 +40,7 @@ checkpoints: checkpoints/sdxl-$(SIZE)/model_index.json checkpoints/sd3-$(SIZE)/m
 
 # The trained shape models (docs/training.md): `make train FAMILY=sdxl` reproduces models/sdxl-shapes. Resumable:
 # the state lives in checkpoints/train/FAMILY; run the same command again after a stop to continue.
-TRAIN_STEPS_sdxl ?= 8000
+TRAIN_STEPS_sdxl ?= 2464
 TRAIN_STEPS_sd3 ?= 8000
 train: setup
 	$(PY) -m train --family $(FAMILY) --size shapes --state checkpoints/train/$(FAMILY) \

@@ -54,3 +54,15 @@ def test_a_few_steps_on_tiny_lower_the_loss_and_export_loads(tmp_path, family):
                            knobs=pipe.family.defaults.knobs)
     image = pipe.generate("a red circle on the left", request)[0]
     assert image.shape == (side, side, 3)
+
+
+def test_serving_vae_decodes_the_same_latents_at_twice_the_side(tmp_path):
+    from train.stages import train_serving_vae
+
+    base = train_vae(TINY, "sd3", tmp_path, Hyper(steps=3, batch=4, lr=1e-3))
+    served = train_serving_vae(TINY, "sd3", tmp_path, base, Hyper(steps=3, batch=4, lr=1e-3))
+    assert (served.config.scaling_factor, served.config.shift_factor) == (
+        base.config.scaling_factor, base.config.shift_factor)
+    latents = torch.zeros(1, 16, TINY.image_size // 4, TINY.image_size // 4)
+    with torch.no_grad():
+        assert served.decode(latents).sample.shape[-1] == 2 * base.decode(latents).sample.shape[-1]
