@@ -16,7 +16,7 @@ from train.data import HELD_OUT_COMBINATIONS, caption
 from train.score import read_image
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-SIDE = 32
+SIDE = 64
 STEPS = 20
 GUIDANCE = {"sdxl": 5.0, "sd3": 7.0}
 
