@@ -60,6 +60,37 @@ def evaluate(family: str, folder: Path, guidances: Sequence[float], steps: int =
     return results
 
 
+def compare_modes(family: str, folder: Path, modes: Sequence[str], steps: int | None = None, per_prompt: int = 2,
+                  size: int = 64) -> dict[str, dict[str, object]]:
+    """Each mode at the family's default guidance and knobs on two devices: adherence on the held-out prompts,
+    PSNR against ``serial`` (mean over images), and where tau1 came from."""
+    import dataclasses
+
+    from hybridiff.local import LocalPipeline
+    from hybridiff.loop import ImageRequest
+    from hybridiff.schedule import Mode
+
+    pipe = LocalPipeline(family, folder, devices=2)
+    defaults = pipe.family.defaults
+    prompts = [caption(*c) for c in HELD_OUT_COMBINATIONS for _ in range(per_prompt)]
+    base = ImageRequest(seed=0, steps=steps or defaults.steps, guidance_scale=defaults.guidance_scale, height=size,
+                        width=size, mode=Mode.SERIAL, knobs=defaults.knobs)
+    images: dict[str, list[np.ndarray]] = {}
+    results: dict[str, dict[str, object]] = {}
+    for mode in ["serial", *[m for m in modes if m != "serial"]]:
+        images[mode], sources = [], []
+        for i, prompt in enumerate(prompts):
+            image, report, _ = pipe.generate(prompt, dataclasses.replace(base, seed=1000 + i, mode=Mode(mode)))
+            images[mode].append(image)
+            sources.append(str(report.schedule.get("tau_source")))
+        errors = [np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+                  for a, b in zip(images[mode], images["serial"], strict=True)]
+        psnr = [float("inf") if e == 0 else 10 * np.log10(255**2 / e) for e in errors]
+        results[mode] = {**score(images[mode], prompts), "psnr_vs_serial": float(np.mean(psnr)),
+                         "tau_source": {s: sources.count(s) for s in set(sources)}}
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=["sdxl", "sd3"], required=True)
@@ -73,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-prompt", type=int, default=4)
     parser.add_argument("--split", choices=["held_out", "train"], default="held_out")
     parser.add_argument("--grid", type=Path, default=None, help="PNG: one row per guidance, one image per prompt")
+    parser.add_argument("--modes", nargs="+", default=None,
+                        help="instead: compare these modes at the family's defaults (--steps 0: default steps)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     report: dict[str, object] = {"family": args.family, "split": args.split, "steps": args.steps}
@@ -85,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             folder, report["train_step"] = export_from_state(args.family, TRAIN_SIZES[args.size], args.state,
                                                              Path(tmp) / "ckpt", vae_name=args.vae)
         size = json.loads((folder / "vae" / "config.json").read_text())["sample_size"]
+        if args.modes:
+            report.update(compare_modes(args.family, folder, args.modes, args.steps or None, args.per_prompt, size))
+            print(json.dumps(report, indent=1))
+            return 0
         report.update(evaluate(args.family, folder, args.guidance, args.steps, args.per_prompt, args.split, size,
                                args.grid))
     print(json.dumps(report, indent=1))
