@@ -42,9 +42,10 @@ checkpoints: checkpoints/sdxl-$(SIZE)/model_index.json checkpoints/sd3-$(SIZE)/m
 # the state lives in checkpoints/train/FAMILY; run the same command again after a stop to continue.
 TRAIN_STEPS_sdxl ?= 2464
 TRAIN_STEPS_sd3 ?= 8000
+TRAIN_ARGS_sd3 ?= --latent-mode mean
 train: setup
 	$(PY) -m train --family $(FAMILY) --size shapes --state checkpoints/train/$(FAMILY) \
-		--out models/$(FAMILY)-shapes --steps $(TRAIN_STEPS_$(FAMILY))
+		--out models/$(FAMILY)-shapes --steps $(TRAIN_STEPS_$(FAMILY)) $(TRAIN_ARGS_$(FAMILY))
 
 # The served repository: both families (SDXL and SD3) side by side, SIZE=small on DEVICES=2 CPU cores by
 # default (KIND=gpu for GPUs). SDXL_MODEL=models/sdxl-shapes serves the trained model instead (32x32 images).

@@ -37,6 +37,7 @@ class Hyper:
     drop: float = 0.1  # caption dropout for classifier-free guidance
     ema: float = 0.999
     seed: int = 0
+    latent_mode: str = "sample"  # "mean": train on the posterior mean (no VAE sampling noise in the target)
 
 
 def _images(size: TrainSize, seed: int, step: int, batch: int) -> tuple[torch.Tensor, list[str]]:
@@ -128,10 +129,17 @@ def set_latent_scale(vae: AutoencoderKL, size: TrainSize, family: str, seed: int
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Sampled latents, normalised as the pipelines expect them before the final decode."""
+def encode_latents(vae: AutoencoderKL, x: torch.Tensor, generator: torch.Generator, mode: str = "sample"
+                   ) -> torch.Tensor:
+    """Sampled (or mean) latents, normalised as the pipelines expect them before the final decode.
+
+    Why "mean" exists: these small VAEs' posterior std is as large as the spread of their means, so sampled
+    latents carry noise no prompt can predict, a floor under the loss (SD3's flow target holds the latent itself).
+    """
     posterior = vae.encode(x).latent_dist
-    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    z = posterior.mean
+    if mode == "sample":
+        z = z + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
     shift = vae.config.shift_factor or 0.0
     return (z - shift) * vae.config.scaling_factor
 
@@ -233,7 +241,7 @@ def train_denoiser(family: str, size: TrainSize, state_dir: Path, vae: Autoencod
     def step_fn(step: int) -> torch.Tensor:
         gen = loop.step_generator(hyper.seed, step)
         x, captions = _images(size, hyper.seed, step, hyper.batch)
-        latents = encode_latents(vae, x, gen)
+        latents = encode_latents(vae, x, gen, hyper.latent_mode)
         dropped = torch.rand(len(captions), generator=gen) < hyper.drop
         noise = torch.randn(latents.shape, generator=gen)
         if family == "sd3":
