@@ -31,7 +31,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)/python_backend:$(CURDIR)
 
 .PHONY: setup serve test test-fast generate repository checkpoints lint clean bench loadtest loadtest-open \
-	gpu-check gpu-wheels chaos ready
+	gpu-check gpu-wheels chaos ready train
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,11 +50,22 @@ checkpoints/sd3-%/model_index.json: | setup
 
 checkpoints: checkpoints/sdxl-$(SIZE)/model_index.json checkpoints/sd3-$(SIZE)/model_index.json
 
+# The trained shape models (docs/training.md): `make train FAMILY=sdxl` reproduces models/sdxl-shapes. Resumable:
+# the state lives in checkpoints/train/FAMILY; run the same command again after a stop to continue.
+TRAIN_STEPS_sdxl ?= 2464
+TRAIN_STEPS_sd3 ?= 8000
+TRAIN_ARGS_sd3 ?= --latent-mode mean
+train: setup
+	$(PY) -m train --family $(FAMILY) --size shapes --state checkpoints/train/$(FAMILY) \
+		--out models/$(FAMILY)-shapes --steps $(TRAIN_STEPS_$(FAMILY)) $(TRAIN_ARGS_$(FAMILY))
+
 # The served repository: both families (SDXL and SD3) side by side, SIZE=small on DEVICES=2 CPU cores by
-# default (KIND=gpu for GPUs).
+# default (KIND=gpu for GPUs). SDXL_MODEL=models/sdxl-shapes serves the trained model instead (64x64 images).
+SDXL_MODEL ?= checkpoints/sdxl-$(SIZE)
+SD3_MODEL ?= checkpoints/sd3-$(SIZE)
 repository: checkpoints
-	$(PY) -m export.make_repository --out model_repository --model sdxl=checkpoints/sdxl-$(SIZE) \
-		--model sd3=checkpoints/sd3-$(SIZE) --devices $(DEVICES) --kind $(KIND) \
+	$(PY) -m export.make_repository --out model_repository --model sdxl=$(SDXL_MODEL) \
+		--model sd3=$(SD3_MODEL) --devices $(DEVICES) --kind $(KIND) \
 		--queue-size $(QUEUE_SIZE) --start-timeout-us $(START_TIMEOUT_US) --max-per-device $(MAX_PER_DEVICE)
 
 serve: repository

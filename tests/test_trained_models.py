@@ -1,0 +1,61 @@
+"""The committed trained shape models (models/): they load with from_pretrained like any checkpoint, the family's
+serial mode matches diffusers' own pipeline on them, and they draw a held-out prompt's colour in the right place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybridiff.local import LocalPipeline
+from hybridiff.loop import ImageRequest
+from hybridiff.schedule import Mode
+from tests.helpers import max_pixel_diff
+from train.data import HELD_OUT_COMBINATIONS, caption
+from train.score import read_image
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+SIDE = 64
+STEPS = 20
+GUIDANCE = {"sdxl": 5.0, "sd3": 7.0}
+
+
+def folder(family: str) -> Path:
+    path = MODELS / f"{family}-shapes"
+    if not (path / "model_index.json").is_file():
+        pytest.skip(f"{path} is not committed yet (make train FAMILY={family})")
+    return path
+
+
+def request(family: str, seed: int) -> ImageRequest:
+    from hybridiff.families import get_family
+
+    return ImageRequest(seed=seed, steps=STEPS, guidance_scale=GUIDANCE[family], height=SIDE, width=SIDE,
+                        mode=Mode.SERIAL, knobs=get_family(family).defaults.knobs)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_serial_equals_diffusers_pipeline(family):
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    path = folder(family)
+    prompt = caption(*HELD_OUT_COMBINATIONS[0])
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusion3Pipeline
+    expected = pipeline_class.from_pretrained(path)(
+        prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE[family], height=SIDE, width=SIDE,
+        generator=torch.Generator("cpu").manual_seed(3), output_type="np",
+    ).images[0]
+    image = LocalPipeline(family, path, devices=1).generate(prompt, request(family, 3))[0]
+    assert max_pixel_diff(image, (expected * 255).round().astype("uint8")) <= 1
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_draws_held_out_prompts_colour_in_the_right_place(family):
+    """Every held-out combination, one seed each: colour and position right for at least 7 of the 8."""
+    local = LocalPipeline(family, folder(family), devices=1)
+    right = 0
+    for i, (colour, shape, position) in enumerate(HELD_OUT_COMBINATIONS):
+        reading = read_image(local.generate(caption(colour, shape, position), request(family, 100 + i))[0])
+        right += reading.colour == colour and reading.position == position
+    assert right >= len(HELD_OUT_COMBINATIONS) - 1
