@@ -14,13 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PROMPTS = [
-    "a lighthouse on a cliff at sunset, oil painting",
-    "a red fox sitting in fresh snow, photograph",
-    "a futuristic city street at night with neon signs",
-    "a bowl of ripe peaches on a wooden table",
-]
-MODES = ["serial", "cfg_parallel", "hybrid", "auto"]
+from loadtest.levels import PROMPTS  # the closed-loop sweep's requests, so the two tests compare
+
 PROCESSES = ("poisson", "bursty")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 
@@ -46,3 +47,13 @@ def recorded_run(
 def pipeline_steps(report: LoopReport) -> list[int]:
     """The step indices that ran as pipeline steps."""
     return [t for t, phase in enumerate(report.schedule["phases"]) if phase == "pipeline"]
+
+
+def wait_for(condition, timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Poll ``condition`` until it holds or ``timeout_s`` passes; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(poll_s)
+    return condition()

@@ -8,7 +8,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,20 +16,13 @@ from export.make_repository import Deployment, write_repository
 from hybridiff.params import Limits
 from hybridiff.readiness import http_ready, not_ready, repository_models
 from hybridiff.supervisor import scan_stubs
+from tests.helpers import wait_for
 from tools.triton_process import free_ports
 
 pytestmark = pytest.mark.server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
-def wait_for(condition, timeout_s: float, poll_s: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(poll_s)
-    return condition()
 
 
 def children(pid: int) -> list[int]:

@@ -20,6 +20,7 @@ from hybridiff.admin import ADMIN_HEADER, GRPC_ADMIN_METADATA
 from hybridiff.params import Limits
 from hybridiff.readiness import http_ready, not_ready, repository_models
 from hybridiff.supervisor import Recovery, scan_stubs
+from tests.helpers import wait_for
 from tools.triton_process import TritonServer
 
 pytestmark = pytest.mark.server
@@ -64,14 +65,6 @@ def call(server, protocol: str = "http", **fields):
 def stub_pids(server, model: str) -> list[int]:
     return sorted(s.pid for s in scan_stubs(server.process.pid).values() if s.model == model)
 
-
-def wait_for(condition, timeout_s: float, poll_s: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(poll_s)
-    return condition()
 
 
 def recovery_of(server, model: str, after: int) -> Recovery | None:
