@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loadtest.levels import PROMPTS  # the closed-loop sweep's requests, so the two tests compare
+from loadtest.levels import MODES, PROMPTS  # noqa: F401 (MODES re-exported): the closed-loop sweep's requests
 
 PROCESSES = ("poisson", "bursty")
 
