@@ -47,16 +47,19 @@ class FakeServer:
     def __init__(self) -> None:
         self.schedule: dict[str, Any] = {"mode_run": "cfg_parallel", "failover": []}
         self.unready: set[str] = set()
-        self.index_status = 200  # 403: the repository index is restricted to operators
+        self.stats_status = 200
         self.requests: list[dict] = []
 
     def answer(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
         if path in ("/v2/health/live", "/v2/health/ready"):
             return 200, {}
-        if path == "/v2/repository/index" and method == "POST":
-            if self.index_status != 200:
-                return self.index_status, {"error": "This API is restricted"}
-            return 200, [{"name": n, "state": "READY"} for n in ("fam", "fam_orchestrator", "fam_vae", "other")]
+        if path == "/v2/repository/index":
+            return 403, {"error": "This API is restricted, expecting header 'admin-key'"}
+        if path == "/v2/models/stats" and method == "GET":
+            if self.stats_status != 200:
+                return self.stats_status, {"error": "statistics unavailable"}
+            names = ("fam", "fam_orchestrator", "fam_vae", "other")
+            return 200, {"model_stats": [{"name": n, "version": "1"} for n in names]}
         if path.endswith("/ready"):
             model = path.split("/")[3]
             return (400, {"error": f"{model} not ready"}) if model in self.unready else (200, {})
@@ -117,11 +120,11 @@ def test_probe_passes_and_discovers_the_families(fake, capsys) -> None:
 
 
 def test_probe_takes_the_families_from_the_container_setting(fake, capsys, monkeypatch) -> None:
-    """In a pod HYBRIDIFF_MODELS names the families, so the probe needs no (restricted) repository index."""
+    """In a pod HYBRIDIFF_MODELS names the families, so the probe needs not even the statistics API."""
     state, url = fake
-    state.index_status = 403
+    state.stats_status = 503
     assert probe.main(["--url", url, "--timeout", "5"]) == 1
-    assert "/v2/repository/index: HTTP 403" in capsys.readouterr().err
+    assert "/v2/models/stats: HTTP 503" in capsys.readouterr().err
     monkeypatch.setenv("HYBRIDIFF_MODELS", "fam=/models/fam")
     assert probe.main(["--url", url, "--timeout", "5"]) == 0
     assert len(state.requests) == 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 import urllib.request
@@ -20,8 +19,10 @@ from tritonclient.utils import InferenceServerException
 
 from client.generate import generate, make_client, start_generate
 from export.make_repository import Deployment, write_repository
+from hybridiff.admin import ADMIN_HEADER
 from hybridiff.inflight import DOWN_RETRY_SECONDS
 from hybridiff.params import Limits
+from hybridiff.supervisor import scan_stubs
 from tests.helpers import max_pixel_diff
 from tools.triton_process import TritonServer
 
@@ -39,8 +40,7 @@ def server(sdxl_tiny, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
     deployment = Deployment(devices=2, kind="cpu", limits=Limits(max_height=128, max_width=128, max_steps=200))
     write_repository(repo, {"sdxl": Path(sdxl_tiny)}, deployment)
-    args = ["--model-control-mode=explicit", "--load-model=*"]
-    with TritonServer(repo, ready_timeout=240, extra_args=args) as running:
+    with TritonServer(repo, ready_timeout=240) as running:  # explicit model control, as make serve runs
         yield running
         print(running.logs()[-6000:])
 
@@ -70,9 +70,9 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
 
 def stub_pid(server, model: str) -> int:
     """The pid of ``model``'s stub process, among this server's processes only."""
-    found = subprocess.run(["pgrep", "-f", f"{model}/1/model.py"], capture_output=True, text=True).stdout.split()
-    ours = [int(p) for p in found if os.path.exists(f"/proc/{p}") and os.getpgid(int(p)) == server.process.pid]
-    assert len(ours) == 1, (model, found)
+    stubs = scan_stubs(server.process.pid).values()
+    ours = [stub.pid for stub in stubs if stub.model == model]
+    assert len(ours) == 1, (model, sorted((stub.model, stub.pid) for stub in stubs))
     return ours[0]
 
 
@@ -104,7 +104,8 @@ def reload(server, model: str) -> None:
     whose files did not change since it was loaded, and leaves the dead stub in place."""
     for action in ("unload", "load"):
         url = f"http://{server.http_url}/v2/repository/models/{model}/{action}"
-        urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=120).read()
+        request = urllib.request.Request(url, method="POST", headers={ADMIN_HEADER: server.admin_key})
+        urllib.request.urlopen(request, timeout=120).read()
 
 
 def reload_and_probe(server, model: str) -> None:

@@ -12,7 +12,7 @@ Kubernetes (an ``exec`` probe) or a person can use it as is. Plain ``urllib``: n
 no torch import, quick to start in a busy pod.
 
 Families default to those of ``HYBRIDIFF_MODELS`` (``family=folder,...``, the container's setting, so
-the probe needs no admin endpoint in a pod), else to those the repository index lists (every model
+the probe needs no admin endpoint in a pod), else to those the server's statistics list (every model
 ``X`` with an ``X_orchestrator``);
 the models of a family are read from the server's own configs (the ensemble's steps and the
 orchestrator's ``denoisers`` parameter), so the probe checks what the server was configured with.
@@ -116,8 +116,9 @@ class Probe:
             raise ProbeError(f"{path}: not ready (HTTP {status}) {_error_text(payload)}".rstrip())
 
     def families(self) -> list[str]:
-        index = self._json("/v2/repository/index", {})
-        names = {entry["name"] for entry in index}
+        """Every model ``X`` with an ``X_orchestrator``, from the statistics API: open to anyone, unlike the
+        repository index, which sits behind the admin key."""
+        names = {entry["name"] for entry in self._json("/v2/models/stats").get("model_stats", [])}
         return sorted(name for name in names if f"{name}_orchestrator" in names)
 
     def config(self, model: str) -> dict[str, Any]:
