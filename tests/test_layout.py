@@ -23,10 +23,12 @@ PACKAGE_ROOTS = {
     "tools": REPO,
     "bench": REPO,
     "loadtest": REPO,
+    "train": REPO,
+    "deploy": REPO,
     "tests": REPO,
 }
 IMPORTED_PACKAGES = [p for p in PACKAGE_ROOTS if p != "tests"]  # tests need pytest's fixtures to mean anything
-TOOLING = {"tools", "bench", "tests", "loadtest", "client"}
+TOOLING = {"tools", "bench", "tests", "loadtest", "client", "train", "deploy"}
 
 
 def module_files() -> dict[str, Path]:

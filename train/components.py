@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from export.build_checkpoint import (
-    _BPE_TRAINING_TEXT,
+from export.checkpoint_common import (
+    PROMPT_WORDS,
     TOKENIZER_PAD_TOKENS,
-    SdxlSize,
     build_clip_vocab,
     learn_bpe_merges,
     write_clip_tokenizer,
 )
 from export.sd3_checkpoint import Sd3Size
+from export.sdxl_checkpoint import SdxlSize
 from train.data import COLOURS, POSITIONS, SHAPES
 
 
@@ -126,7 +126,7 @@ def write_tokenizers(folder: Path, num_merges: int) -> dict[str, int]:
 
     The merges are learned from the built-in prompt words plus the data's words (repeated, so each becomes one token).
     """
-    merges = learn_bpe_merges(_BPE_TRAINING_TEXT.split() + data_words() * 20, num_merges)
+    merges = learn_bpe_merges(PROMPT_WORDS.split() + data_words() * 20, num_merges)
     vocab = build_clip_vocab(merges)
     for name, pad in TOKENIZER_PAD_TOKENS.items():
         write_clip_tokenizer(folder / name, vocab, merges, pad)

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from export.build_checkpoint import TOKENIZER_PAD_TOKENS, build_folder, make_scheduler, make_text_encoder, make_unet
+from export.checkpoint_common import TOKENIZER_PAD_TOKENS, build_folder, make_text_encoder
 from export.sd3_checkpoint import make_flow_scheduler, make_t5_encoder, make_t5_tokenizer, make_transformer
+from export.sdxl_checkpoint import make_scheduler, make_unet
 from train import loop
 from train.components import TrainSize, make_serving_vae, make_vae, write_tokenizers
 from train.data import make_batch
@@ -276,7 +277,7 @@ def export(family: str, out_dir: Path, state_dir: Path, vae: AutoencoderKL, modu
     """Save the EMA weights as a diffusers folder laid out exactly like the built-in checkpoints."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
-    from export.build_checkpoint import restore_files
+    from export.checkpoint_common import restore_files
 
     tokenizer_dir = state_dir / f"tokenizers-{family}"
     names = ["tokenizer", "tokenizer_2"] + (["tokenizer_3"] if family == "sd3" else [])
