@@ -1,0 +1,112 @@
+"""The soak's pure parts: its request plan, RSS parsing, growth arithmetic and report (no server)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from loadtest.soak import (
+    FAMILIES,
+    MODES,
+    PROTOCOLS,
+    SIZES,
+    Job,
+    Proc,
+    growth_pct,
+    growth_rows,
+    markdown,
+    parse_vm_rss_kib,
+    read_rss_kib,
+    request_plan,
+    run_chunk,
+    worst,
+)
+
+CYCLE = len(FAMILIES) * len(MODES) * len(SIZES) * len(PROTOCOLS)
+
+
+def test_plan_is_deterministic_and_numbered():
+    plan = request_plan(250)
+    assert plan == request_plan(250)
+    assert [job.index for job in plan] == list(range(250))
+    assert request_plan(0) == []
+
+
+def test_every_window_of_one_cycle_covers_every_combination():
+    plan = request_plan(3 * CYCLE + 7)
+    wanted = set(itertools.product(FAMILIES, MODES, SIZES, PROTOCOLS))
+    for start in (0, 1, CYCLE - 1, 2 * CYCLE + 7):
+        window = plan[start:start + CYCLE]
+        assert {(j.family, j.mode, j.size, j.protocol) for j in window} == wanted
+
+
+def test_families_alternate_and_steps_vary_per_family():
+    plan = request_plan(2 * CYCLE, steps=(4, 6))
+    assert [j.family for j in plan[:4]] == ["sdxl", "sd3", "sdxl", "sd3"]
+    for family in FAMILIES:
+        assert {j.steps for j in plan if j.family == family} == {4, 6}
+
+
+def test_plan_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="requests"):
+        request_plan(-1)
+    with pytest.raises(ValueError, match="sizes"):
+        request_plan(10, sizes=())
+
+
+STATUS = """Name:\tpython
+State:\tS (sleeping)
+VmPeak:\t 1234567 kB
+VmRSS:\t  204800 kB
+RssAnon:\t  100000 kB
+"""
+
+
+def test_parse_vm_rss():
+    assert parse_vm_rss_kib(STATUS) == 204800
+
+
+def test_parse_vm_rss_without_the_line():
+    with pytest.raises(ValueError, match="VmRSS"):
+        parse_vm_rss_kib("Name:\tkthreadd\nState:\tS (sleeping)\n")
+
+
+def test_read_rss_of_this_process_and_of_a_missing_one(tmp_path):
+    assert read_rss_kib(os.getpid()) > 1000
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "status").write_text(STATUS)
+    assert read_rss_kib(42, proc_root=tmp_path) == 204800
+    assert read_rss_kib(43, proc_root=tmp_path) is None
+
+
+def test_growth_arithmetic():
+    assert growth_pct(1000, 1020) == pytest.approx(2.0)
+    assert growth_pct(1000, 990) == pytest.approx(-1.0)
+    assert growth_pct(500, 500) == 0.0
+    with pytest.raises(ValueError):
+        growth_pct(0, 10)
+
+
+def test_growth_rows_worst_and_a_process_gone():
+    procs = [Proc(1, "tritonserver", "tritonserver"), Proc(2, "sdxl_vae", "sdxl_vae_0_0"), Proc(3, "sd3_vae", "x")]
+    warm, end = {1: 1000, 2: 2000, 3: 400}, {1: 1010, 2: 2100}
+    rows = growth_rows(procs, warm, end, trace=[{1: 1050, 2: 2050}, end])
+    assert [r["growth_pct"] for r in rows] == [1.0, 5.0, ""]
+    assert rows[0]["peak_after_warmup_kib"] == 1050
+    assert rows[2]["note"]
+    assert worst(rows)["instance"] == "sdxl_vae_0_0"
+    assert worst([rows[2]]) is None
+
+
+def test_markdown_names_the_worst_process_and_counts_failures():
+    procs = [Proc(1, "tritonserver", "tritonserver"), Proc(2, "sdxl_vae", "sdxl_vae_0_0")]
+    rows = growth_rows(procs, {1: 1000, 2: 2000}, {1: 1010, 2: 2100})
+    job = Job(0, "sdxl", "serial", 64, 4, "http", 0, "p")
+    results = run_chunk([job, Job(1, "sd3", "auto", 96, 4, "grpc", 1, "p")], 2,
+                        lambda user, j: (_ for _ in ()).throw(RuntimeError("boom")) if j.index else None)
+    assert [r.ok for r in results] == [True, False] and results[1].reason == "boom"
+    text = markdown(rows, results, 2, "header", 12.0, 1, stopped_early=False)
+    assert "5.0% (sdxl_vae, sdxl_vae_0_0), OVER the 2.0% target" in text
+    assert "sent 2, succeeded 1, failed 1" in text and "1x boom" in text
