@@ -129,16 +129,20 @@ def watched_processes(server_pid: int) -> list[Proc]:
 Sample = dict[int, int]  # pid -> RSS KiB
 
 
-def growth_rows(procs: Sequence[Proc], warm: Sample, end: Sample, trace: Sequence[Sample] = ()) -> list[dict]:
-    """One row per process: RSS after warm-up and at the end, growth %, and the peak over the trace."""
+def growth_rows(procs: Sequence[Proc], warm: Sample, end: Sample, trace: Sequence[Sample] = (),
+                ready: Sample | None = None) -> list[dict]:
+    """One row per process: RSS at ready (before any request), after warm-up and at the end, growth % from
+    warm-up to end, and the peak over the samples after the warm-up (``trace``)."""
     rows = []
     for proc in procs:
         before, after = warm.get(proc.pid), end.get(proc.pid)
         peak = max((s[proc.pid] for s in trace if proc.pid in s), default=None)
+        at_ready = (ready or {}).get(proc.pid)
         rows.append({
             "model": proc.model,
             "instance": proc.instance,
             "pid": proc.pid,
+            "rss_at_ready_kib": "" if at_ready is None else at_ready,
             "rss_after_warmup_kib": "" if before is None else before,
             "rss_end_kib": "" if after is None else after,
             "growth_pct": "" if before is None or after is None else round(growth_pct(before, after), 2),
@@ -244,15 +248,16 @@ def markdown(rows: Sequence[dict], results: Sequence[Result], planned: int, head
         verdict = "within" if top["growth_pct"] <= GROWTH_LIMIT_PCT else "OVER"
         lines.append(f"Largest RSS growth after the warm-up ({warmup} requests): {top['growth_pct']}% "
                      f"({top['model']}, {top['instance']}), {verdict} the {GROWTH_LIMIT_PCT}% target.")
-    lines += ["", "| process | model | RSS after warm-up (MiB) | RSS at end (MiB) | growth | peak after warm-up "
-              "(MiB) | note |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| process | model | RSS at ready (MiB) | RSS after warm-up (MiB) | RSS at end (MiB) | growth "
+              "| peak after warm-up (MiB) | note |", "|---|---|---|---|---|---|---|---|"]
 
     def mib(value) -> str:
         return "-" if value == "" else f"{value / 1024:.1f}"
 
     for r in rows:
         growth = "-" if r["growth_pct"] == "" else f"{r['growth_pct']:+.2f}%"
-        lines.append(f"| {r['instance']} (pid {r['pid']}) | {r['model']} | {mib(r['rss_after_warmup_kib'])} "
+        lines.append(f"| {r['instance']} (pid {r['pid']}) | {r['model']} | {mib(r['rss_at_ready_kib'])} "
+                     f"| {mib(r['rss_after_warmup_kib'])} "
                      f"| {mib(r['rss_end_kib'])} | {growth} | {mib(r['peak_after_warmup_kib'])} | {r['note'] or '-'} |")
     return "\n".join(lines) + "\n"
 
@@ -287,6 +292,11 @@ def _checkpoints(size: str, root: Path, families: Sequence[str]) -> dict[str, Pa
 
 def _sample(procs: Sequence[Proc]) -> Sample:
     return {p.pid: rss for p in procs if (rss := read_rss_kib(p.pid)) is not None}
+
+
+def _trace_rows(done: int, procs: Sequence[Proc], sample: Sample) -> list[dict]:
+    return [{"requests_done": done, "pid": p.pid, "model": p.model, "instance": p.instance, "rss_kib": sample[p.pid]}
+            for p in procs if p.pid in sample]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -331,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     with TritonServer(repo, ready_timeout=900, exit_timeout=30) as server:
         pid = server.process.pid
         procs = watched_processes(pid)
+        ready = _sample(procs)
+        trace += _trace_rows(0, procs, ready)
         print(f"server ready (pid {pid}, {len(procs) - 1} stubs); {len(plan)} requests in {len(chunks)} chunks",
               flush=True)
         clients = Clients(server.http_url, server.grpc_url, args.users, args.request_timeout_s)
@@ -344,9 +356,7 @@ def main(argv: list[str] | None = None) -> None:
                 results += done
                 sample = _sample(procs)
                 samples.append(sample)
-                by_pid = {p.pid: p for p in procs}
-                trace += [{"requests_done": len(results), "pid": p, "model": by_pid[p].model,
-                           "instance": by_pid[p].instance, "rss_kib": rss} for p, rss in sample.items()]
+                trace += _trace_rows(len(results), procs, sample)
                 failed = sum(not r.ok for r in done)
                 total_mib = sum(sample.values()) / 1024
                 print(f"chunk {number}: {len(results)}/{len(plan)} done, {failed} failed in chunk, "
@@ -361,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
             stubs_now = {s.pid for s in watched_processes(pid)}
     wall_s = time.monotonic() - started
     gone = [p for p in procs if p.model != "tritonserver" and p.pid not in stubs_now]
-    rows = growth_rows(procs, samples[0], samples[-1], samples[1:]) if len(samples) >= 2 else []
+    rows = growth_rows(procs, samples[0], samples[-1], samples[1:], ready) if len(samples) >= 2 else []
     header = (f"Measured with `{command}` at commit {_commit()} ({os.cpu_count()} cores, CPU; {args.size} "
               f"checkpoints, {args.devices} devices, {args.users} concurrent clients over HTTP and gRPC, families "
               f"{', '.join(families)}, modes {', '.join(MODES)}, sizes {', '.join(map(str, sizes))} px, steps "

@@ -92,8 +92,9 @@ def test_growth_arithmetic():
 def test_growth_rows_worst_and_a_process_gone():
     procs = [Proc(1, "tritonserver", "tritonserver"), Proc(2, "sdxl_vae", "sdxl_vae_0_0"), Proc(3, "sd3_vae", "x")]
     warm, end = {1: 1000, 2: 2000, 3: 400}, {1: 1010, 2: 2100}
-    rows = growth_rows(procs, warm, end, trace=[{1: 1050, 2: 2050}, end])
+    rows = growth_rows(procs, warm, end, trace=[{1: 1050, 2: 2050}, end], ready={1: 900})
     assert [r["growth_pct"] for r in rows] == [1.0, 5.0, ""]
+    assert [r["rss_at_ready_kib"] for r in rows] == [900, "", ""]
     assert rows[0]["peak_after_warmup_kib"] == 1050
     assert rows[2]["note"]
     assert worst(rows)["instance"] == "sdxl_vae_0_0"
