@@ -171,73 +171,96 @@ class Result:
     reason: str | None = None
 
 
-def run_chunk(jobs: Sequence[Job], users: int, send: Callable[[int, Job], None]) -> list[Result]:
-    """Send ``jobs`` from ``users`` threads (``send(user, job)`` raises on failure); returns when all ended."""
-    todo: queue.Queue[Job] = queue.Queue()
-    for job in jobs:
-        todo.put(job)
-    results: list[Result] = []
-    lock = threading.Lock()
+Sender = Callable[[Job], None]  # sends one request, raises on failure
 
-    def user(u: int) -> None:
-        while True:
-            try:
-                job = todo.get_nowait()
-            except queue.Empty:
-                return
+
+class Workers:
+    """``users`` long-lived client threads; each builds its own sender (``make_sender(user)`` returns the
+    sender and a close function) on its own thread and keeps it for the whole run: tritonclient's HTTP
+    client is bound to the thread that first used it (gevent), so a client may not move between threads."""
+
+    def __init__(self, users: int, make_sender: Callable[[int], tuple[Sender, Callable[[], None]]]) -> None:
+        self._todo: queue.Queue[Job | None] = queue.Queue()
+        self._results: list[Result] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._user, args=(u, make_sender), daemon=True)
+                         for u in range(users)]
+        for thread in self._threads:
+            thread.start()
+
+    def _user(self, user: int, make_sender: Callable[[int], tuple[Sender, Callable[[], None]]]) -> None:
+        try:
+            send, close = make_sender(user)
+        except Exception as err:  # e.g. no connection: every job of this user fails with that reason
+            def send(job: Job, err: Exception = err) -> None:
+                raise err
+
+            def close() -> None:
+                pass
+
+        while (job := self._todo.get()) is not None:
             started = time.monotonic()
             try:
-                send(u, job)
+                send(job)
                 result = Result(job, True, time.monotonic() - started)
             except Exception as err:  # counted by reason
                 result = Result(job, False, time.monotonic() - started, failure_reason(err))
-            with lock:
-                results.append(result)
+            with self._lock:
+                self._results.append(result)
+            self._todo.task_done()
+        self._todo.task_done()  # the sentinel
+        close()
 
-    threads = [threading.Thread(target=user, args=(u,), daemon=True) for u in range(users)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sorted(results, key=lambda r: r.job.index)
+    def run(self, jobs: Sequence[Job]) -> list[Result]:
+        """Send ``jobs``; return their results, in plan order, once none is in flight."""
+        with self._lock:
+            self._results = []
+        for job in jobs:
+            self._todo.put(job)
+        self._todo.join()
+        with self._lock:
+            return sorted(self._results, key=lambda r: r.job.index)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        for _ in self._threads:
+            self._todo.put(None)
+        for thread in self._threads:
+            thread.join(timeout_s)
 
 
-class Clients:
-    """One HTTP and one gRPC client per user (tritonclient clients are not shared across threads)."""
+def client_sender(http_url: str, grpc_url: str, timeout_s: float) -> Callable[[int], tuple[Sender, Callable]]:
+    """``make_sender`` for ``Workers``: one HTTP and one gRPC client per user; checks the image it gets."""
 
-    def __init__(self, http_url: str, grpc_url: str, users: int, timeout_s: float) -> None:
-        from client.generate import make_client
+    def make(user: int) -> tuple[Sender, Callable[[], None]]:
+        from client.generate import generate, make_client
 
-        self.timeout_s = timeout_s
-        self._clients = [
-            {"http": make_client("http", http_url, connection_timeout=timeout_s, network_timeout=timeout_s),
-             "grpc": make_client("grpc", grpc_url)}
-            for _ in range(users)
-        ]
+        clients = {"http": make_client("http", http_url, connection_timeout=timeout_s, network_timeout=timeout_s),
+                   "grpc": make_client("grpc", grpc_url)}
 
-    def send(self, user: int, job: Job) -> None:
-        from client.generate import generate
+        def send(job: Job) -> None:
+            result = generate(clients[job.protocol], job.protocol, job.family, [job.prompt], timeout_s=timeout_s,
+                              mode=job.mode, seed=job.seed, steps=job.steps, height=job.size, width=job.size)
+            if len(result.images) != 1 or result.images[0].shape != (job.size, job.size, 3):
+                raise RuntimeError(f"unexpected images {[i.shape for i in result.images]}")
 
-        result = generate(self._clients[user][job.protocol], job.protocol, job.family, [job.prompt],
-                          timeout_s=self.timeout_s, mode=job.mode, seed=job.seed, steps=job.steps,
-                          height=job.size, width=job.size)
-        if len(result.images) != 1 or result.images[0].shape != (job.size, job.size, 3):
-            raise RuntimeError(f"unexpected images {[i.shape for i in result.images]}")
-
-    def close(self) -> None:
-        for pair in self._clients:
-            for client in pair.values():
+        def close() -> None:
+            for client in clients.values():
                 client.close()
+
+        return send, close
+
+    return make
 
 
 def markdown(rows: Sequence[dict], results: Sequence[Result], planned: int, header: str, wall_s: float,
-             warmup: int, stopped_early: bool) -> str:
+             requests_s: float, warmup: int, stopped_early: bool) -> str:
     failed = [r for r in results if not r.ok]
     reasons = Counter(r.reason for r in failed)
     top = worst(rows)
     lines = [header, ""]
     lines.append(f"Requests planned {planned}, sent {len(results)}, succeeded {len(results) - len(failed)}, "
-                 f"failed {len(failed)}; wall time {wall_s:.0f} s"
+                 f"failed {len(failed)}; wall time {wall_s:.0f} s ({requests_s:.0f} s of requests after the "
+                 f"server was ready)"
                  + (" (stopped early at the time limit)." if stopped_early else "."))
     lines.append("Failures: " + (", ".join(f"{n}x {reason}" for reason, n in reasons.most_common()) or "none")
                  + ".")
@@ -345,14 +368,15 @@ def main(argv: list[str] | None = None) -> None:
         trace += _trace_rows(0, procs, ready)
         print(f"server ready (pid {pid}, {len(procs) - 1} stubs); {len(plan)} requests in {len(chunks)} chunks",
               flush=True)
-        clients = Clients(server.http_url, server.grpc_url, args.users, args.request_timeout_s)
+        ready_at = time.monotonic()
+        workers = Workers(args.users, client_sender(server.http_url, server.grpc_url, args.request_timeout_s))
         try:
             for number, chunk in enumerate(chunks):
                 if time.monotonic() - started > args.time_limit_s:
                     stopped_early = True
                     print(f"time limit {args.time_limit_s:.0f} s reached; stopping", flush=True)
                     break
-                done = run_chunk(chunk, args.users, clients.send)
+                done = workers.run(chunk)
                 results += done
                 sample = _sample(procs)
                 samples.append(sample)
@@ -367,7 +391,8 @@ def main(argv: list[str] | None = None) -> None:
                             print(f"  failed #{r.job.index} {r.job.family}/{r.job.mode}/{r.job.size}: {r.reason}",
                                   flush=True)
         finally:
-            clients.close()
+            workers.close()
+            requests_s = time.monotonic() - ready_at
             stubs_now = {s.pid for s in watched_processes(pid)}
     wall_s = time.monotonic() - started
     gone = [p for p in procs if p.model != "tritonserver" and p.pid not in stubs_now]
@@ -377,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{', '.join(families)}, modes {', '.join(MODES)}, sizes {', '.join(map(str, sizes))} px, steps "
               f"{args.steps}; RSS = VmRSS sampled with nothing in flight after the {args.warmup}-request warm-up "
               f"and every {args.sample_every} requests after it).")
-    md = markdown(rows, results, len(plan), header, wall_s, args.warmup, stopped_early)
+    md = markdown(rows, results, len(plan), header, wall_s, requests_s, args.warmup, stopped_early)
     if gone:
         md += "\nStubs that were gone at the end: " + ", ".join(p.instance for p in gone) + ".\n"
     write_outputs(args.out, rows, trace, md)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 
 import pytest
 
@@ -14,13 +15,14 @@ from loadtest.soak import (
     SIZES,
     Job,
     Proc,
+    Result,
+    Workers,
     growth_pct,
     growth_rows,
     markdown,
     parse_vm_rss_kib,
     read_rss_kib,
     request_plan,
-    run_chunk,
     worst,
 )
 
@@ -105,9 +107,47 @@ def test_markdown_names_the_worst_process_and_counts_failures():
     procs = [Proc(1, "tritonserver", "tritonserver"), Proc(2, "sdxl_vae", "sdxl_vae_0_0")]
     rows = growth_rows(procs, {1: 1000, 2: 2000}, {1: 1010, 2: 2100})
     job = Job(0, "sdxl", "serial", 64, 4, "http", 0, "p")
-    results = run_chunk([job, Job(1, "sd3", "auto", 96, 4, "grpc", 1, "p")], 2,
-                        lambda user, j: (_ for _ in ()).throw(RuntimeError("boom")) if j.index else None)
-    assert [r.ok for r in results] == [True, False] and results[1].reason == "boom"
-    text = markdown(rows, results, 2, "header", 12.0, 1, stopped_early=False)
+    results = [Result(job, True, 1.0), Result(Job(1, "sd3", "auto", 96, 4, "grpc", 1, "p"), False, 1.0, "boom")]
+    text = markdown(rows, results, 2, "header", 12.0, 10.0, 1, stopped_early=False)
     assert "5.0% (sdxl_vae, sdxl_vae_0_0), OVER the 2.0% target" in text
     assert "sent 2, succeeded 1, failed 1" in text and "1x boom" in text
+
+
+def test_workers_keep_one_sender_per_thread_across_chunks():
+    """Each user's sender is made once, on the thread that uses it (tritonclient HTTP clients need that)."""
+    made, closed = [], []
+
+    def make_sender(user):
+        owner = threading.get_ident()
+        made.append(user)
+
+        def send(job):
+            if threading.get_ident() != owner:
+                raise RuntimeError("sender used from another thread")
+            if job.index % 5 == 4:
+                raise RuntimeError("boom")
+
+        return send, lambda: closed.append(user)
+
+    workers = Workers(3, make_sender)
+    plan = request_plan(20)
+    try:
+        first, second = workers.run(plan[:10]), workers.run(plan[10:])
+    finally:
+        workers.close()
+    assert [r.job.index for r in first + second] == list(range(20))
+    assert [r.ok for r in first + second] == [j.index % 5 != 4 for j in plan]
+    assert {r.reason for r in first + second if not r.ok} == {"boom"}
+    assert sorted(made) == sorted(closed) == [0, 1, 2]
+
+
+def test_workers_report_a_sender_that_cannot_be_made():
+    def make_sender(user):
+        raise ConnectionRefusedError("no server")
+
+    workers = Workers(2, make_sender)
+    try:
+        results = workers.run(request_plan(3))
+    finally:
+        workers.close()
+    assert [(r.ok, r.reason) for r in results] == [(False, "no server")] * 3
