@@ -83,21 +83,27 @@ def request_plan(
     return jobs
 
 
-def parse_vm_rss_kib(status_text: str) -> int:
-    """Resident set size in KiB from the text of ``/proc/<pid>/status``."""
+# VmRSS = RssAnon (heap, stacks) + RssFile (mapped files) + RssShmem (shared memory, e.g. the Python
+# backend's regions, which count in tritonserver's RSS as their pages are first touched).
+RSS_PARTS = ("RssAnon", "RssShmem")
+
+
+def parse_status_kib(status_text: str, field: str = "VmRSS") -> int:
+    """One ``<field>: <n> kB`` value of ``/proc/<pid>/status``, in KiB."""
     for line in status_text.splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             value, unit = line.split()[1:3]
             if unit != "kB":
-                raise ValueError(f"unexpected VmRSS unit {unit!r}")
+                raise ValueError(f"unexpected {field} unit {unit!r}")
             return int(value)
-    raise ValueError("no VmRSS line (kernel thread or exited process)")
+    raise ValueError(f"no {field} line (kernel thread or exited process)")
 
 
-def read_rss_kib(pid: int, proc_root: Path = Path("/proc")) -> int | None:
-    """The process's RSS in KiB, or None when it is gone."""
+def read_rss_kib(pid: int, proc_root: Path = Path("/proc"), fields: Sequence[str] = ("VmRSS",)) -> dict | None:
+    """``fields`` of the process's status in KiB, or None when it is gone."""
     try:
-        return parse_vm_rss_kib((proc_root / str(pid) / "status").read_text())
+        text = (proc_root / str(pid) / "status").read_text()
+        return {field: parse_status_kib(text, field) for field in fields}
     except (OSError, ValueError):
         return None
 
@@ -292,7 +298,8 @@ def write_outputs(out: Path, rows: Sequence[dict], trace: Iterable[dict], md: st
         writer.writeheader()
         writer.writerows(rows)
     with open(out / "rss_trace.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["requests_done", "pid", "model", "instance", "rss_kib"])
+        writer = csv.DictWriter(handle, fieldnames=["requests_done", "pid", "model", "instance", "rss_kib",
+                                                    *(f"{part}_kib" for part in RSS_PARTS)])
         writer.writeheader()
         writer.writerows(trace)
     (out / "soak.md").write_text(md)
@@ -313,13 +320,16 @@ def _checkpoints(size: str, root: Path, families: Sequence[str]) -> dict[str, Pa
     return {family: Path(build[family](root / f"{family}-{size}", size=size)) for family in families}
 
 
-def _sample(procs: Sequence[Proc]) -> Sample:
-    return {p.pid: rss for p in procs if (rss := read_rss_kib(p.pid)) is not None}
-
-
-def _trace_rows(done: int, procs: Sequence[Proc], sample: Sample) -> list[dict]:
-    return [{"requests_done": done, "pid": p.pid, "model": p.model, "instance": p.instance, "rss_kib": sample[p.pid]}
-            for p in procs if p.pid in sample]
+def _sample(procs: Sequence[Proc]) -> tuple[Sample, list[dict]]:
+    """VmRSS by pid, and trace rows with its parts."""
+    sample, parts = {}, []
+    for p in procs:
+        values = read_rss_kib(p.pid, fields=("VmRSS", *RSS_PARTS))
+        if values is not None:
+            sample[p.pid] = values["VmRSS"]
+            parts.append({"pid": p.pid, "model": p.model, "instance": p.instance, "rss_kib": values["VmRSS"],
+                          **{f"{part}_kib": values[part] for part in RSS_PARTS}})
+    return sample, parts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -364,8 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     with TritonServer(repo, ready_timeout=900, exit_timeout=30) as server:
         pid = server.process.pid
         procs = watched_processes(pid)
-        ready = _sample(procs)
-        trace += _trace_rows(0, procs, ready)
+        ready, parts = _sample(procs)
+        trace += [{"requests_done": 0, **row} for row in parts]
         print(f"server ready (pid {pid}, {len(procs) - 1} stubs); {len(plan)} requests in {len(chunks)} chunks",
               flush=True)
         ready_at = time.monotonic()
@@ -378,9 +388,9 @@ def main(argv: list[str] | None = None) -> None:
                     break
                 done = workers.run(chunk)
                 results += done
-                sample = _sample(procs)
+                sample, parts = _sample(procs)
                 samples.append(sample)
-                trace += _trace_rows(len(results), procs, sample)
+                trace += [{"requests_done": len(results), **row} for row in parts]
                 failed = sum(not r.ok for r in done)
                 total_mib = sum(sample.values()) / 1024
                 print(f"chunk {number}: {len(results)}/{len(plan)} done, {failed} failed in chunk, "

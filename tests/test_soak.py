@@ -20,7 +20,7 @@ from loadtest.soak import (
     growth_pct,
     growth_rows,
     markdown,
-    parse_vm_rss_kib,
+    parse_status_kib,
     read_rss_kib,
     request_plan,
     worst,
@@ -66,20 +66,22 @@ RssAnon:\t  100000 kB
 """
 
 
-def test_parse_vm_rss():
-    assert parse_vm_rss_kib(STATUS) == 204800
+def test_parse_status_fields():
+    assert parse_status_kib(STATUS) == 204800
+    assert parse_status_kib(STATUS, "RssAnon") == 100000
 
 
-def test_parse_vm_rss_without_the_line():
+def test_parse_status_without_the_line():
     with pytest.raises(ValueError, match="VmRSS"):
-        parse_vm_rss_kib("Name:\tkthreadd\nState:\tS (sleeping)\n")
+        parse_status_kib("Name:\tkthreadd\nState:\tS (sleeping)\n")
 
 
 def test_read_rss_of_this_process_and_of_a_missing_one(tmp_path):
-    assert read_rss_kib(os.getpid()) > 1000
+    assert read_rss_kib(os.getpid())["VmRSS"] > 1000
     (tmp_path / "42").mkdir()
     (tmp_path / "42" / "status").write_text(STATUS)
-    assert read_rss_kib(42, proc_root=tmp_path) == 204800
+    assert read_rss_kib(42, proc_root=tmp_path, fields=("VmRSS", "RssAnon")) == {"VmRSS": 204800, "RssAnon": 100000}
+    assert read_rss_kib(42, proc_root=tmp_path, fields=("RssShmem",)) is None  # a field it lacks
     assert read_rss_kib(43, proc_root=tmp_path) is None
 
 
