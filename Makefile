@@ -17,6 +17,8 @@ LISTEN ?= 127.0.0.1
 ADMIN_KEY_FILE ?= build/admin-key
 CHAOS_ROUNDS ?= 2
 CHAOS_USERS ?= 4
+SOAK_REQUESTS ?= 1000
+SOAK_SIZE ?= tiny
 PROTOCOL ?= http
 MODE ?= hybrid
 FAMILY ?= sdxl
@@ -31,7 +33,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)/python_backend:$(CURDIR)
 
 .PHONY: setup serve test test-fast generate repository checkpoints lint clean bench loadtest loadtest-open \
-	gpu-check gpu-wheels chaos ready train
+	gpu-check gpu-wheels chaos ready train soak
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -122,6 +124,11 @@ gpu-wheels: setup
 chaos: repository
 	$(PY) -m loadtest.chaos --repository model_repository --devices $(DEVICES) --rounds $(CHAOS_ROUNDS) \
 		--users $(CHAOS_USERS) --out out/chaos
+
+# Soak: SOAK_REQUESTS requests of both families, every mode, mixed sizes, HTTP and gRPC, on the SOAK_SIZE
+# checkpoints; writes out/soak/soak.{md,csv} with each process's RSS after the warm-up and at the end.
+soak: setup
+	$(PY) -m loadtest.soak --size $(SOAK_SIZE) --requests $(SOAK_REQUESTS) --out out/soak
 
 lint: setup
 	$(VENV)/bin/ruff check .
