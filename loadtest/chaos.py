@@ -14,7 +14,6 @@ fault) and ``chaos.md`` (totals, failures by reason, the fault table, the comman
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 import random
@@ -28,6 +27,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from loadtest.csvfile import write_csv
 
 KINDS = ("denoiser", "text_encoder", "vae", "orchestrator")
 FAMILIES = ("sdxl", "sd3")
@@ -158,15 +159,8 @@ def markdown(rows: Sequence[dict], totals: dict, header: str) -> str:
 
 def write_outputs(out: Path, rows: Sequence[dict], requests: Sequence[RequestRecord], header: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    fields = list(rows[0]) if rows else ["fault"]
-    with open(out / "chaos.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out / "requests.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(asdict(requests[0])) if requests else ["user"])
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in requests)
+    write_csv(out / "chaos.csv", rows, list(rows[0]) if rows else ["fault"])
+    write_csv(out / "requests.csv", (asdict(r) for r in requests), list(asdict(requests[0])) if requests else ["user"])
     (out / "chaos.md").write_text(markdown(rows, summary(requests), header))
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import os
 import statistics
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 from client.generate import build_inputs
+from loadtest.csvfile import write_csv
 from loadtest.openloop_levels import (
     MODES,
     PROCESSES,
@@ -151,10 +151,7 @@ async def serial_capacity(url: str, sample: list[Offered], steps: int, devices: 
 
 def write_outputs(rows: list[dict], out: Path, header: str, scales: list[float]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "openloop.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "openloop.csv", rows, list(rows[0]))
     lines = [header, ""]
     columns = ["process", "load", "slo_scale", "mode", "requests", "attainment", "attainment_halves", "p50_s",
                "p95_s", "p99_s", "goodput_per_s", "refused", "refusal_max_s", "errors", "modes_run"]

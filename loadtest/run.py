@@ -17,7 +17,6 @@ Writes CSV, Markdown and a PNG.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -30,6 +29,7 @@ import numpy as np
 from locust.env import Environment
 
 from client.generate import generate, make_client
+from loadtest.csvfile import write_csv
 from loadtest.levels import PROMPTS, Half, HalfResult, pooled_row, queue_delta, sweep_order
 from loadtest.locustfile import GrpcImageUser, HttpImageUser, ImageUser
 from loadtest.sink import Sink
@@ -92,10 +92,7 @@ def check_against_solo(url: str, protocol: str, model: str, results: list[dict])
 
 def write_outputs(rows: list[dict], out: Path, header: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "loadtest.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "loadtest.csv", rows, list(rows[0]))
     lines = [header, "", "| mode | users | requests | failures | p50 | p95 | images/s | images/s by half "
              "| modes run | queue ms/request |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -16,7 +16,6 @@ process: model, RSS after warm-up, at the end, growth %), ``rss_trace.csv`` (eve
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 import queue
@@ -29,6 +28,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from loadtest.csvfile import write_csv
 
 FAMILIES = ("sdxl", "sd3")
 MODES = ("serial", "cfg_parallel", "pipeline", "hybrid", "auto")
@@ -293,15 +294,9 @@ def markdown(rows: Sequence[dict], results: Sequence[Result], planned: int, head
 
 def write_outputs(out: Path, rows: Sequence[dict], trace: Iterable[dict], md: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "soak.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["model"])
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(out / "rss_trace.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["requests_done", "pid", "model", "instance", "rss_kib",
-                                                    *(f"{part}_kib" for part in RSS_PARTS)])
-        writer.writeheader()
-        writer.writerows(trace)
+    write_csv(out / "soak.csv", rows, list(rows[0]) if rows else ["model"])
+    trace_fields = ["requests_done", "pid", "model", "instance", "rss_kib", *(f"{part}_kib" for part in RSS_PARTS)]
+    write_csv(out / "rss_trace.csv", trace, trace_fields)
     (out / "soak.md").write_text(md)
 
 
