@@ -8,7 +8,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -55,10 +54,12 @@ def test_launcher_supervises_and_stops_with_the_server(sdxl_tiny, tmp_path):
         [server_pid] = children(launcher.pid)  # tritonserver is the launcher's child
         assert os.getsid(server_pid) == server_pid  # in its own session: Ctrl-C reaches it once, forwarded
 
-        # The supervisor learns each stub's pid at its first scan after ready; a stub dead before that scan
-        # goes unnoticed (a known gap, docs/operations.md), so kill only once it is watching.
-        assert wait_for(lambda: "[supervisor] watching" in (tmp_path / "launcher.log").read_text(), 60, 0.1)
-        time.sleep(2.0)  # a few of its 0.5 s polls
+        # The first scan also compares the live stubs with the configured instances (a stub dead before it
+        # would otherwise go unnoticed): every model of the repository is counted, none is short.
+        assert wait_for(lambda: "[supervisor] census:" in (tmp_path / "launcher.log").read_text(), 60, 0.1)
+        census = next(line for line in (tmp_path / "launcher.log").read_text().splitlines() if "census:" in line)
+        python_models = [m for m in models if 'backend: "python"' in (repo / m / "config.pbtxt").read_text()]
+        assert f"{len(python_models)} Python models" in census and "short of stubs: none" in census, census
         [victim] = [s.pid for s in scan_stubs(server_pid).values() if s.model == "sdxl_vae"]
         os.kill(victim, signal.SIGKILL)
         # The supervisor takes the model down (readiness says so) and brings it back; on a busy machine the

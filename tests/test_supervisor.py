@@ -12,11 +12,13 @@ from hybridiff.admin import ADMIN_KEY_ENV, RESTRICTED_GROUPS, admin_args, resolv
 from hybridiff.supervisor import (
     Stub,
     Supervisor,
+    configured_instances,
     dead_models,
     group_by_model,
     parse_stub,
     retry_delay,
     scan_stubs,
+    short_models,
 )
 
 SERVER = 100
@@ -89,6 +91,19 @@ def test_dead_models_one_lost_instance_is_enough() -> None:
     assert dead_models(watched, set()) == ["a", "b", "c"]
 
 
+def test_configured_instances_counts_the_stubs_a_python_model_starts() -> None:
+    assert configured_instances({"backend": "python", "instance_group": [{"count": 3, "kind": "KIND_CPU"}]}) == 3
+    gpu = {"backend": "python", "instance_group": [{"count": 2, "kind": "KIND_GPU", "gpus": [0, 1]}]}
+    assert configured_instances(gpu) == 4
+    assert configured_instances({"platform": "ensemble", "backend": ""}) == 0
+
+
+def test_short_models_are_those_missing_a_stub() -> None:
+    live = {"sdxl_vae": frozenset({1}), "sdxl_orchestrator": frozenset({2, 3})}
+    expected = {"sdxl_vae": 1, "sdxl_orchestrator": 3, "sdxl_text_encoder": 1}
+    assert short_models(expected, live) == ["sdxl_orchestrator", "sdxl_text_encoder"]
+
+
 def test_retry_delay_doubles_to_a_cap() -> None:
     assert [retry_delay(n, base_s=1, cap_s=10) for n in range(7)] == [0, 1, 2, 4, 8, 10, 10]
 
@@ -99,11 +114,19 @@ def test_retry_delay_doubles_to_a_cap() -> None:
 class FakeRepository:
     """Records calls; ``load`` starts new stubs in the fake /proc, or fails ``failures`` times first."""
 
-    def __init__(self, root: Path, failures: int = 0) -> None:
+    def __init__(self, root: Path, failures: int = 0, expected: dict[str, int] | None = None) -> None:
         self.root = root
+        self.expected = expected or {}
+        self.census_failures = 0
         self.calls: list[tuple[str, str]] = []
         self.failures = failures
         self.next_pid = 500
+
+    def expected_stubs(self) -> dict[str, int]:
+        if self.census_failures > 0:
+            self.census_failures -= 1
+            raise ConnectionError("repository index answered 503")
+        return dict(self.expected)
 
     def unload(self, model: str) -> tuple[int, str]:
         self.calls.append(("unload", model))
@@ -307,3 +330,22 @@ def test_nothing_is_reloaded_once_a_stop_is_requested(tmp_path: Path) -> None:
     supervisor.request_stop()  # the server got SIGTERM: its stubs exit now
     kill(proc, 11)
     assert supervisor.poll_once() == [] and repository.calls == []
+
+
+def test_stub_dead_before_the_first_scan_is_found_by_the_census(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    add_process(proc, 11, stub_argv("sdxl_vae", "sdxl_vae_0_0"))
+    add_process(proc, 12, stub_argv("sdxl_orchestrator", "sdxl_orchestrator_0_0"))
+    add_process(proc, 13, stub_argv("sdxl_orchestrator", "sdxl_orchestrator_0_1"))
+    kill(proc, 13)  # died between readiness and the first scan: never watched
+    repository = FakeRepository(proc, expected={"sdxl_vae": 1, "sdxl_orchestrator": 2})
+    repository.census_failures = 1
+    supervisor, lines = make_supervisor(tmp_path, repository)
+
+    assert supervisor.poll_once() == []  # the census failed: nothing decided, retried next poll
+    assert any("census" in line and "retrying" in line for line in lines)
+    assert supervisor.poll_once() == ["sdxl_orchestrator"]
+    assert repository.calls == [("unload", "sdxl_orchestrator"), ("load", "sdxl_orchestrator")]
+    assert 12 in supervisor.retired  # the survivor exits with the unload; it is not the new stub
+    assert set(supervisor.watched) == {"sdxl_vae", "sdxl_orchestrator"}
+    assert supervisor.poll_once() == [] and len(repository.calls) == 2  # the census runs once

@@ -11,13 +11,19 @@ again through the repository API with the admin key. Unload first: Triton 2.51 i
 model that is loaded with an unchanged configuration, dead stub or not. A load that fails is
 retried with a bounded back-off; the model stays unloaded (not ready) meanwhile.
 
-Decisions are plain functions (``parse_stub``, ``dead_models``, ``retry_delay``); ``Supervisor``
-is the loop around them.
+The supervisor learns each stub's pid by scanning, so a stub that died before the first scan would
+never be seen: the first scan therefore also takes a census, comparing the live stubs of every
+ready Python model with the instances its configuration asks for, and treats a model short of
+stubs as dead.
+
+Decisions are plain functions (``parse_stub``, ``dead_models``, ``short_models``,
+``configured_instances``, ``retry_delay``); ``Supervisor`` is the loop around them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -106,6 +112,26 @@ def dead_models(watched: Mapping[str, Collection[int]], live_pids: Collection[in
     return sorted(model for model, pids in watched.items() if any(pid not in live for pid in pids))
 
 
+def configured_instances(config: Mapping) -> int:
+    """Stubs a model's configuration (Triton's JSON form) starts: 0 unless it is a Python model.
+
+    Triton starts ``count`` instances per listed GPU of a KIND_GPU group, ``count`` otherwise."""
+    if config.get("backend") != "python":
+        return 0
+    total = 0
+    for group in config.get("instance_group", []):
+        count = int(group.get("count", 1))
+        gpus = group.get("gpus") or []
+        total += count * len(gpus) if group.get("kind") == "KIND_GPU" and gpus else count
+    return total
+
+
+def short_models(expected: Mapping[str, int], live: Mapping[str, Collection[int]]) -> list[str]:
+    """Models with fewer live stubs than their configuration starts, sorted (their missing stubs died
+    before anyone watched them)."""
+    return sorted(model for model, count in expected.items() if len(live.get(model, ())) < count)
+
+
 def retry_delay(failures: int, base_s: float = 1.0, cap_s: float = 30.0) -> float:
     """Seconds to wait before the next load after ``failures`` failed ones: 0, then doubling to a cap."""
     if failures <= 0:
@@ -121,8 +147,8 @@ class RepositoryClient:
         self.admin_key = admin_key
         self.load_timeout_s = load_timeout_s
 
-    def _post(self, path: str, timeout_s: float) -> tuple[int, str]:
-        request = urllib.request.Request(f"{self.base}{path}", method="POST", data=b"")
+    def _post(self, path: str, timeout_s: float, body: bytes = b"") -> tuple[int, str]:
+        request = urllib.request.Request(f"{self.base}{path}", method="POST", data=body)
         request.add_header(ADMIN_HEADER, self.admin_key)
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -136,6 +162,19 @@ class RepositoryClient:
     def load(self, model: str) -> tuple[int, str]:
         """Blocks until the model is loaded (or failed to load)."""
         return self._post(f"/v2/repository/models/{model}/load", self.load_timeout_s)
+
+    def expected_stubs(self) -> dict[str, int]:
+        """Ready models and how many stubs each should have (from the index and each model's configuration)."""
+        status, body = self._post("/v2/repository/index", 30.0, b'{"ready": true}')
+        if status != 200:
+            raise ConnectionError(f"repository index answered {status}: {body.strip()}")
+        expected = {}
+        for entry in json.loads(body):
+            with urllib.request.urlopen(f"{self.base}/v2/models/{entry['name']}/config", timeout=30) as response:
+                count = configured_instances(json.loads(response.read()))
+            if count:
+                expected[entry["name"]] = count
+        return expected
 
     def is_ready(self, model: str) -> bool:
         try:
@@ -195,6 +234,7 @@ class Supervisor:
         # Stubs of a model that was unloaded: the survivors of a partly dead model exit some time after
         # the unload (or after the new stubs start); they must not be watched as the new ones.
         self.retired: set[int] = set()
+        self.census_done = False  # the first scan's check against the configured instance counts
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -218,26 +258,49 @@ class Supervisor:
         now = time.monotonic()
         for model in dead:
             stubs = self.watched.pop(model)
-            lost = [stub for pid, stub in stubs.items() if pid not in live]
-            self.retired |= set(stubs)
-            recovery = Recovery(model, sorted(s.instance for s in lost), now)
-            self.log(f"{model}: stub {', '.join(f'{s.instance} (pid {s.pid})' for s in lost)} died; unloading")
-            status, body = self.repository.unload(model)
-            if status == 200:
-                recovery.unloaded_at = time.monotonic()
-            else:
-                recovery.errors.append(f"unload {status}: {body.strip()}")
-                self.log(f"{model}: unload answered {status}: {body.strip()}")
-            self._unlink_regions(lost)
-            with self._lock:
-                self.pending[model] = recovery
-            self.next_attempt[model] = now
+            self._take_down(model, [stub for pid, stub in stubs.items() if pid not in live], stubs, now)
+        if not self.census_done:
+            dead += self._census(live, now)
         for model in sorted(self.pending):
             if self._stop.is_set() or time.monotonic() < self.next_attempt[model]:
                 continue
             self._load(model)
         self._watch_new(scan_stubs(self.server_pid, self.proc_root))
         return dead
+
+    def _take_down(self, model: str, lost: Sequence[Stub], stubs: Collection[int], now: float) -> None:
+        """Unload a model that lost stubs (readiness then says so) and queue its load."""
+        self.retired |= set(stubs)
+        recovery = Recovery(model, sorted(s.instance for s in lost), now)
+        what = ", ".join(f"{s.instance} (pid {s.pid})" for s in lost) or "of an instance (gone before the first scan)"
+        self.log(f"{model}: stub {what} died; unloading")
+        status, body = self.repository.unload(model)
+        if status == 200:
+            recovery.unloaded_at = time.monotonic()
+        else:
+            recovery.errors.append(f"unload {status}: {body.strip()}")
+            self.log(f"{model}: unload answered {status}: {body.strip()}")
+        self._unlink_regions(lost)
+        with self._lock:
+            self.pending[model] = recovery
+        self.next_attempt[model] = now
+
+    def _census(self, live: Mapping[int, Stub], now: float) -> list[str]:
+        """Once: models short of the stubs their configuration starts; they are taken down like dead ones."""
+        try:
+            expected = self.repository.expected_stubs()
+        except (OSError, ValueError, KeyError) as err:  # retried at the next poll
+            self.log(f"census of the configured instances failed: {err}; retrying")
+            return []
+        self.census_done = True
+        by_model = group_by_model(live)
+        short = [m for m in short_models(expected, by_model) if m not in self.pending]
+        self.log(f"census: {len(expected)} Python models, {sum(expected.values())} stubs configured; "
+                 f"short of stubs: {', '.join(short) or 'none'}")
+        for model in short:
+            self.watched.pop(model, None)
+            self._take_down(model, [], by_model.get(model, frozenset()), now)
+        return short
 
     def _load(self, model: str) -> None:
         recovery = self.pending[model]
