@@ -70,35 +70,29 @@ def main(argv: list[str] | None = None) -> None:
     one_device = {f: OneDevice(f, checkpoints[f], args.size) for f in families}
     neighbours = {f: Neighbour(f, checkpoints[f], args.size) for f in families}
     alternative = {f: DiffusersAllCores(checkpoints[f], guidance[f], args.steps, args.size) for f in families}
-    server = None
-    if args.url is None:
-        from tools.triton_process import TritonServer
-
-        server = TritonServer(args.repository, ready_timeout=900).__enter__()
-        url = server.http_url
-    else:
-        url = args.url
     runs: dict[str, list[Run]] = {f: [] for f in families}
     components: dict[str, list[ComponentTimes]] = {f: [] for f in families}
     diffusers: dict[str, dict[tuple[int, int], float]] = {f: {} for f in families}
-    try:
-        client = make_client("http", url, connection_timeout=3600, network_timeout=3600)
-        for family in families:
-            warm = {"steps": 4, "height": args.size, "width": args.size}
-            generate(client, "http", family, ["warm-up"], mode="hybrid", **warm)
-        for round_index in range(args.repeats):
+    from tools.triton_process import server_unless_given
+
+    with server_unless_given(args.repository, args.url, ready_timeout=900) as server:
+        url = server.http_url if server is not None else args.url
+        try:
+            client = make_client("http", url, connection_timeout=3600, network_timeout=3600)
             for family in families:
-                components[family].append(one_device[family].measure(repeats=5, neighbour=neighbours[family]))
-                for prompt in range(args.prompts):
-                    diffusers[family][round_index, prompt] = alternative[family].latency(prompt)
-                runs[family] += run_round(client, "http", family, guidance[family], round_index,
-                                          steps=args.steps, size=args.size, prompts=args.prompts)
-        client.close()
-    finally:
-        if server is not None:
-            server.__exit__(None, None, None)
-        for neighbour in neighbours.values():
-            neighbour.close()
+                warm = {"steps": 4, "height": args.size, "width": args.size}
+                generate(client, "http", family, ["warm-up"], mode="hybrid", **warm)
+            for round_index in range(args.repeats):
+                for family in families:
+                    components[family].append(one_device[family].measure(repeats=5, neighbour=neighbours[family]))
+                    for prompt in range(args.prompts):
+                        diffusers[family][round_index, prompt] = alternative[family].latency(prompt)
+                    runs[family] += run_round(client, "http", family, guidance[family], round_index,
+                                              steps=args.steps, size=args.size, prompts=args.prompts)
+            client.close()
+        finally:
+            for neighbour in neighbours.values():
+                neighbour.close()
     summaries = {}
     for family in families:
         threads = alternative[family].threads

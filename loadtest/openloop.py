@@ -273,21 +273,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
 
-    server = None
-    if args.url is None:
-        from tools.triton_process import TritonServer
+    if args.url is not None and not args.url.startswith(LOCAL_PREFIXES):
+        parser.error("load tests only target this machine (127.0.0.1, localhost or [::1])")
+    from tools.triton_process import server_unless_given
 
-        server = TritonServer(args.repository, ready_timeout=600).__enter__()
-        url = server.grpc_url
-    else:
-        url = args.url
-        if not url.startswith(LOCAL_PREFIXES):
-            parser.error("load tests only target this machine (127.0.0.1, localhost or [::1])")
-    try:
-        rows, header = asyncio.run(sweep(args, url))
-    finally:
-        if server is not None:
-            server.__exit__(None, None, None)
+    with server_unless_given(args.repository, args.url, ready_timeout=600) as server:
+        rows, header = asyncio.run(sweep(args, server.grpc_url if server is not None else args.url))
     if not rows:
         raise SystemExit("no level completed within --max-seconds")
     write_outputs(rows, args.out, header, [float(x) for x in args.slo_scales.split(",")])

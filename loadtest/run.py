@@ -139,22 +139,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/loadtest"))
     args = parser.parse_args(argv)
 
-    server = None
-    if args.url is None:
-        from tools.triton_process import TritonServer
-
-        server = TritonServer(args.repository, ready_timeout=600).__enter__()
-        url = server.http_url if args.protocol == "http" else server.grpc_url
-        metrics_url = server.metrics_url
-    else:
-        url = args.url
-        if not url.startswith(LOCAL_PREFIXES):
-            parser.error("load tests only target this machine (127.0.0.1, localhost or [::1])")
-        metrics_url = args.metrics_url or f"http://{url.rsplit(':', 1)[0]}:8002/metrics"
+    if args.url is not None and not args.url.startswith(LOCAL_PREFIXES):
+        parser.error("load tests only target this machine (127.0.0.1, localhost or [::1])")
     user_class = HttpImageUser if args.protocol == "http" else GrpcImageUser
     modes = args.modes.split(",")
     rows, results = [], []
-    try:
+    from tools.triton_process import server_unless_given
+
+    with server_unless_given(args.repository, args.url, ready_timeout=600) as server:
+        if server is not None:
+            url = server.http_url if args.protocol == "http" else server.grpc_url
+            metrics_url = server.metrics_url
+        else:
+            url = args.url
+            metrics_url = args.metrics_url or f"http://{url.rsplit(':', 1)[0]}:8002/metrics"
         warm = make_client(args.protocol, url)
         generate(warm, args.protocol, "sdxl", ["warm-up"], steps=2, height=256, width=256, mode="hybrid")
         warm.close()
@@ -175,9 +173,6 @@ def main(argv: list[str] | None = None) -> None:
                 print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         rows.sort(key=lambda r: (modes.index(r["mode"]), r["users"]))
         worst, checked = check_against_solo(url, args.protocol, "sdxl", results)
-    finally:
-        if server is not None:
-            server.__exit__(None, None, None)
     failures = sum(r["failures"] for r in rows)
     header = (f"Measured with `make loadtest` ({args.protocol}, {os.cpu_count()} cores, one core per device). "
               f"Failed requests: {failures}. Images checked against the same request alone: {checked}, "

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.triton_process import TritonServer, TritonServerError, free_ports
+from tools.triton_process import TritonServer, TritonServerError, free_ports, server_unless_given
 
 DOUBLE_CONFIG = """\
 name: "double"
@@ -53,6 +53,11 @@ def write_model(repo: Path, name: str, model_py: str, config: str = DOUBLE_CONFI
     (repo / name / "1").mkdir(parents=True)
     (repo / name / "config.pbtxt").write_text(config.replace('"double"', f'"{name}"'))
     (repo / name / "1" / "model.py").write_text(textwrap.dedent(model_py))
+
+
+def test_a_named_server_is_used_not_started(tmp_path: Path) -> None:
+    with server_unless_given(tmp_path / "no-such-repository", "127.0.0.1:8000") as server:
+        assert server is None
 
 
 def test_free_ports_are_distinct() -> None:

@@ -19,7 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -30,7 +30,7 @@ from hybridiff.tritonserver import prepare_backend_dir, server_command, server_e
 if TYPE_CHECKING:
     from hybridiff.supervisor import Supervisor
 
-__all__ = ["TritonServer", "TritonServerError", "free_port", "free_ports"]
+__all__ = ["TritonServer", "TritonServerError", "free_port", "free_ports", "server_unless_given"]
 
 
 class TritonServerError(RuntimeError):
@@ -286,3 +286,14 @@ class TritonServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def server_unless_given(repository: str | Path, url: str | None, **kwargs) -> Iterator[TritonServer | None]:
+    """A started server on ``repository`` for the duration, or None when the caller names a running
+    one (``url``): the benchmark and the load tests accept either."""
+    if url is not None:
+        yield None
+        return
+    with TritonServer(repository, **kwargs) as server:
+        yield server
