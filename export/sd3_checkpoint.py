@@ -187,7 +187,7 @@ def _proto_field(message: bytes, number: int) -> bytes:
     return b""
 
 
-def make_t5_tokenizer(folder: Path, vocab_size: int) -> T5Tokenizer:
+def make_t5_tokenizer(folder: Path, vocab_size: int, model_max_length: int = T5_MODEL_MAX_LENGTH) -> T5Tokenizer:
     """Write ``tokenizer_3/`` with the files a downloaded SD3 folder has and return it loaded back from there.
 
     The tokenizers-backed T5 tokenizer is built from the trained piece list and SentencePiece's precompiled
@@ -203,7 +203,7 @@ def make_t5_tokenizer(folder: Path, vocab_size: int) -> T5Tokenizer:
     tokenizer = T5Tokenizer(
         vocab=pieces,
         extra_ids=T5_EXTRA_IDS,
-        model_max_length=T5_MODEL_MAX_LENGTH,
+        model_max_length=model_max_length,
         _spm_precompiled_charsmap=charsmap,
     )
     tokenizer.save_pretrained(folder)

@@ -46,7 +46,7 @@ def local(sd3_tiny) -> LocalPipeline:
     return LocalPipeline("sd3", sd3_tiny)
 
 
-def diffusers_image(folder: Path, negative: str | None, steps: int = STEPS) -> np.ndarray:
+def diffusers_image(folder: Path, negative: str | None, steps: int = STEPS, **kwargs) -> np.ndarray:
     pipe = StableDiffusion3Pipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     image = pipe(
@@ -58,6 +58,7 @@ def diffusers_image(folder: Path, negative: str | None, steps: int = STEPS) -> n
         width=SIZE,
         generator=torch.Generator("cpu").manual_seed(7),
         output_type="np",
+        **kwargs,
     ).images[0]
     return (image * 255).round().astype("uint8")
 
@@ -67,6 +68,25 @@ def test_serial_equals_diffusers_pipeline(sd3_tiny, local, negative):
     image, report, _ = local.generate(PROMPT, image_request(Mode.SERIAL), negative)
     assert report.schedule["mode_run"] == "serial"
     assert max_pixel_diff(image, diffusers_image(sd3_tiny, negative)) <= 1
+
+
+def test_a_checkpoint_with_a_short_t5_tokenizer_encodes_that_many_tokens(sd3_tiny, tmp_path):
+    """A small model trained on short prompts carries its T5 length in ``tokenizer_3``: the server pads to it,
+    sizes its tensors by it, refuses longer prompts, and matches diffusers called with that length."""
+    folder = tmp_path / "sd3-short-t5"
+    shutil.copytree(sd3_tiny, folder)
+    config_path = folder / "tokenizer_3" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["model_max_length"] = 16
+    config_path.write_text(json.dumps(config))
+    short = LocalPipeline("sd3", folder)
+    assert short.family.model_shapes(folder).conditioning["PROMPT_EMBEDS"][0] == 77 + 16
+    encoded = short.text_encoder.encode([PROMPT], None)
+    assert encoded["cond_PROMPT_EMBEDS"].shape[1] == 77 + 16
+    with pytest.raises(InvalidParameter, match="at most 16"):
+        short.text_encoder.encode(["a " * 16], None)
+    image, _, _ = short.generate(PROMPT, image_request(Mode.SERIAL), NEGATIVE)
+    assert max_pixel_diff(image, diffusers_image(folder, NEGATIVE, max_sequence_length=16)) <= 1
 
 
 def test_dynamic_shifting_uses_the_image_size_as_diffusers_does(sd3_tiny, tmp_path):

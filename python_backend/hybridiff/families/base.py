@@ -214,7 +214,7 @@ class Family(ABC):
 
 
 def tokenizer_max_length(folder: Path, subfolder: str = "tokenizer") -> int:
-    """The tokens a CLIP tokenizer pads or truncates every prompt to (its ``model_max_length``)."""
+    """A tokenizer's ``model_max_length``: the tokens a CLIP tokenizer pads or truncates every prompt to."""
     config = json.loads((folder / subfolder / "tokenizer_config.json").read_text())
     return int(config["model_max_length"])
 

@@ -36,6 +36,12 @@ from .schedulers import load_scheduler_config, new_scheduler
 
 # diffusers' default T5 sequence length for SD3 (the pipeline allows up to 512).
 MAX_SEQUENCE_LENGTH = 256
+
+
+def t5_sequence_length(folder: Path) -> int:
+    """T5 tokens per prompt: diffusers' default ``max_sequence_length`` (256), or fewer when the checkpoint's
+    T5 tokenizer allows fewer (a small model trained on short prompts, where every text token costs)."""
+    return min(MAX_SEQUENCE_LENGTH, tokenizer_max_length(folder, "tokenizer_3"))
 # Block n/2-1's image-token and text-token streams, as named on the wire.
 MIDDLE_HIDDEN, MIDDLE_ENCODER = (t.name for t in SD3_WIRE.activations)
 
@@ -98,14 +104,12 @@ class SD3TextEncoder(TextEncoder):
     dropping its tail would change the image without the client knowing.
     """
 
-    def __init__(
-        self, folder: Path, device: torch.device, dtype: torch.dtype, max_sequence_length: int = MAX_SEQUENCE_LENGTH
-    ) -> None:
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
         self.pipe = StableDiffusion3Pipeline.from_pretrained(
             folder, transformer=None, vae=None, scheduler=None, dtype=dtype
         ).to(device)
         self.device = device
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = t5_sequence_length(folder)
 
     def check_length(self, field: str, prompts: list[str]) -> None:
         """Raise InvalidParameter if a prompt needs more T5 tokens than ``max_sequence_length``."""
@@ -200,8 +204,8 @@ class SD3Family(Family):
     def model_shapes(self, folder: Path) -> ModelShapes:
         config = self.denoiser_config(folder)
         patch_size = self.load_latent_math(folder).patch_size
-        # CLIP's tokens, then T5's (SD3TextEncoder pads T5 to MAX_SEQUENCE_LENGTH), at T5's width.
-        tokens = tokenizer_max_length(folder) + MAX_SEQUENCE_LENGTH
+        # CLIP's tokens, then T5's (SD3TextEncoder pads T5 to t5_sequence_length), at T5's width.
+        tokens = tokenizer_max_length(folder) + t5_sequence_length(folder)
         text = {
             "PROMPT_EMBEDS": (tokens, config["joint_attention_dim"]),
             "POOLED_EMBEDS": (config["pooled_projection_dim"],),
