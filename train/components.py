@@ -39,6 +39,9 @@ class TrainSize:
     vae: VaeSize
     sdxl: SdxlSize
     sd3: Sd3Size
+    # T5 tokens per prompt for SD3 (the pipeline's max_sequence_length; diffusers' default is 256). The joint
+    # transformer attends over every text token, so this sets most of a step's cost for these small models.
+    sd3_t5_tokens: int = 256
 
 
 def _sdxl(channels, layers, head_dim, groups, sample, te, te2, te_layers, merges) -> SdxlSize:
@@ -65,13 +68,15 @@ TRAIN_SIZES: dict[str, TrainSize] = {
         vae=VaeSize(channels=(8, 8, 8), norm_groups=4),
         sdxl=_sdxl((16, 32, 32), (1, 1, 1), 8, 8, 4, 16, 32, 1, 300),
         sd3=_sd3(2, 2, 8, 4, 16, 32, 64, 300),
+        sd3_t5_tokens=16,
     ),
     # The built-in "shapes" checkpoints: 32x32 images, 8x8 latents.
     "shapes": TrainSize(
         image_size=32,
         vae=VaeSize(channels=(16, 32, 32), norm_groups=8),
         sdxl=_sdxl((32, 64, 64), (1, 1, 1), 16, 16, 8, 32, 64, 2, 400),
-        sd3=_sd3(4, 2, 32, 8, 32, 64, 96, 400),  # 333 text tokens per image: kept narrow to train on a CPU
+        sd3=_sd3(4, 4, 32, 8, 32, 64, 96, 400),
+        sd3_t5_tokens=32,  # 77 CLIP + 32 T5 text tokens per image (captions are at most 10 T5 tokens)
     ),
 }
 

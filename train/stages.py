@@ -8,6 +8,7 @@ dropout for classifier-free guidance uses each pipeline's own unconditional inpu
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,6 @@ from train.components import TrainSize, make_serving_vae, make_vae, write_tokeni
 from train.data import make_batch
 
 MAX_TOKENS = 77  # CLIP's context, as the pipelines pad to
-T5_TOKENS = 256  # the SD3 pipeline's default max_sequence_length
 
 
 @dataclass(frozen=True)
@@ -165,12 +165,12 @@ def sdxl_embeddings(tokenizers, encoders, captions: list[str]) -> tuple[torch.Te
     return torch.cat([h1, h2], dim=-1)[index], pooled[index]
 
 
-def sd3_embeddings(tokenizers, encoders, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """SD3's prompt_embeds (CLIP pair zero-padded to T5's width, then T5's tokens) and pooled embeds."""
+def sd3_embeddings(tokenizers, encoders, captions: list[str], t5_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's prompt_embeds (CLIP pair zero-padded to T5's width, then ``t5_tokens`` T5 tokens) and pooled embeds."""
     unique = sorted(set(captions))
     h1, p1 = _clip(tokenizers[0], encoders[0], unique)
     h2, p2 = _clip(tokenizers[1], encoders[1], unique)
-    ids = tokenizers[2](unique, padding="max_length", max_length=T5_TOKENS, truncation=True, return_tensors="pt")
+    ids = tokenizers[2](unique, padding="max_length", max_length=t5_tokens, truncation=True, return_tensors="pt")
     t5 = encoders[2](ids.input_ids)[0]
     clip = torch.cat([h1, h2], dim=-1)
     clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
@@ -198,7 +198,7 @@ def _text_parts(family: str, size: TrainSize, folder: Path, seed: int):
                             TOKENIZER_PAD_TOKENS["tokenizer_2"], with_projection=True)
     encoders = [te1, te2]
     if family == "sd3":
-        tokenizer_3 = make_t5_tokenizer(folder / "tokenizer_3", spec.t5_vocab)
+        tokenizer_3 = make_t5_tokenizer(folder / "tokenizer_3", spec.t5_vocab, size.sd3_t5_tokens)
         tokenizers.append(tokenizer_3)
         torch.manual_seed(seed + 2)
         encoders.append(make_t5_encoder(spec, tokenizer_3))
@@ -225,7 +225,7 @@ def train_denoiser(family: str, size: TrainSize, state_dir: Path, vae: Autoencod
     """Train (or resume) the family's denoiser and text encoders; returns the EMA modules, tokenizers, steps done."""
     modules, tokenizers, encoders, scheduler = denoiser_parts(family, size, state_dir, hyper.seed)
     denoiser = modules["denoiser"]
-    embed = sdxl_embeddings if family == "sdxl" else sd3_embeddings
+    embed = sdxl_embeddings if family == "sdxl" else functools.partial(sd3_embeddings, t5_tokens=size.sd3_t5_tokens)
     groups = [{"params": list(denoiser.parameters()), "lr": hyper.lr}]
     if hyper.text_lr > 0:
         groups.append({"params": [p for e in encoders for p in e.parameters()], "lr": hyper.text_lr})
