@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         probe_machine(families, checkpoints, args)
         return
 
-    guidance = {f: get_family(f).defaults.guidance_scale for f in families}
+    guidance = {f: get_family(f).serving_defaults(checkpoints[f]).guidance_scale for f in families}
     one_device = {f: OneDevice(f, checkpoints[f], args.size) for f in families}
     neighbours = {f: Neighbour(f, checkpoints[f], args.size) for f in families}
     alternative = {f: DiffusersAllCores(checkpoints[f], guidance[f], args.steps, args.size) for f in families}

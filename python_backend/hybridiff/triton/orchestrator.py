@@ -181,6 +181,7 @@ class TritonPythonModel:
         self.latent_math = self.family.load_latent_math(context.checkpoint)
         self.shapes = self.family.model_shapes(context.checkpoint)
         self.limits = model_limits(params, self.shapes)
+        self.defaults = self.family.serving_defaults(context.checkpoint, self.limits)
         self.transport = BLSTransport(
             self.family,
             params["denoisers"].split(","),
@@ -240,7 +241,7 @@ class TritonPythonModel:
             shapes = {name: None if t is None else tuple(t.shape) for name, t in embeds.items()}
             batch = check_text_conditioning(shapes, self.shapes, self.limits)
             scalars = {spec.name: input_array(request, spec.name) for spec in wire.scalar_inputs()}
-            image_requests = parse_image_requests(scalars, self.family.defaults, self.limits, batch)
+            image_requests = parse_image_requests(scalars, self.defaults, self.limits, batch)
         except InvalidParameter as err:
             return error_response(str(err))
         latents, schedules = [], []
