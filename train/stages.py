@@ -284,8 +284,10 @@ def write_model_defaults(family: str, folder: Path) -> Path:
     """The checkpoint's serving defaults: its VAE's image size (it was trained at that size) and its knobs."""
     from hybridiff.families import get_family
     from hybridiff.serving_defaults import write_serving_defaults
+    from hybridiff.wire import Limits
 
-    side = json.loads((folder / "vae" / "config.json").read_text())["sample_size"]
+    # The size it was trained at, or the smallest a server accepts (a test's 16-pixel model draws at 64).
+    side = max(json.loads((folder / "vae" / "config.json").read_text())["sample_size"], Limits().min_size)
     values = {"height": side, "width": side, **TRAINED_KNOBS.get(family, {})}
     return write_serving_defaults(folder, get_family(family).defaults, values)
 
