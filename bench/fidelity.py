@@ -217,8 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     from bench.measure import OneDevice
     from hybridiff.families import get_family
+    from hybridiff.serving_defaults import read_serving_defaults
 
-    default_k = get_family(args.family).serving_defaults(args.checkpoint).knobs.k
+    default_k = read_serving_defaults(args.checkpoint, get_family(args.family).defaults).knobs.k
     run = run_all(args.family, args.checkpoint, configs(tuple(args.ks), args.frozen_feed, default_k),
                   args.per_prompt, args.steps, args.size)
     request = run["request"]

@@ -37,7 +37,7 @@ def test_file_overrides_size_guidance_and_knobs_and_keeps_the_rest(tmp_path):
 
 def test_a_request_that_leaves_fields_out_gets_the_checkpoints_defaults(tmp_path):
     write(tmp_path, {"height": 64, "width": 64, "k": 10})
-    defaults = get_family("sdxl").serving_defaults(tmp_path)
+    defaults = read_serving_defaults(tmp_path, get_family("sdxl").defaults)
     (request,) = parse_image_requests({}, defaults, Limits(), batch=1)
     assert (request.height, request.width, request.knobs.k) == (64, 64, 10)
     (asked,) = parse_image_requests({"HEIGHT": np.array([128]), "K": np.array([0])}, defaults, Limits(), batch=1)
@@ -93,6 +93,6 @@ def test_only_fields_with_a_family_default_are_overridable():
 
 
 def test_the_committed_trained_sdxl_model_carries_its_64px_defaults():
-    defaults = get_family("sdxl").serving_defaults(MODELS / "sdxl-shapes")
+    defaults = read_serving_defaults(MODELS / "sdxl-shapes", get_family("sdxl").defaults)
     assert (defaults.height, defaults.width) == (64, 64)
     assert defaults != SDXL.defaults

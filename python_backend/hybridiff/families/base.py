@@ -21,7 +21,7 @@ import torch
 from ..schedule import COND, UNCOND
 from ..stages import StageSplit, run_stage
 from ..validation import ModelShapes
-from ..wire import FamilyDefaults, FamilyWire, Limits, Tensor
+from ..wire import FamilyDefaults, FamilyWire, Tensor
 
 Conditioning = dict[str, torch.Tensor]  # one guidance branch's tensors, batch 1
 
@@ -144,15 +144,8 @@ class Family(ABC):
 
     @property
     def defaults(self) -> FamilyDefaults:
-        """The family's own defaults; a checkpoint may override them (:meth:`serving_defaults`)."""
+        """The family's own defaults; a checkpoint may override them (:mod:`hybridiff.serving_defaults`)."""
         return self.wire.defaults
-
-    def serving_defaults(self, folder: Path, limits: Limits | None = None) -> FamilyDefaults:
-        """What a request to the checkpoint in ``folder`` gets for the inputs it leaves out: the family's
-        defaults with the folder's ``serving_defaults.json`` applied (:mod:`hybridiff.serving_defaults`)."""
-        from ..serving_defaults import read_serving_defaults  # imports the loop, which imports this module
-
-        return read_serving_defaults(folder, self.wire.defaults, limits)
 
     @property
     def text_outputs(self) -> tuple[Tensor, ...]:
