@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import numpy as np
@@ -111,3 +112,15 @@ def test_frozen_row_reports_psnr_against_the_correct_feed():
     # One pixel (all three channels) off by 255: MSE = 255^2 / (64 * 64).
     assert rows["hybrid" + FROZEN]["psnr_vs_correct_feed_db"] == pytest.approx(10 * np.log10(64 * 64))
     assert "psnr_vs_correct_feed_db" not in rows["hybrid"]
+
+
+def test_replay_finds_tau1_by_the_slope_or_by_tau_cap_as_the_schedule_does():
+    from bench.tune_knobs import grid_table, replay_tau1
+
+    dip = [0.06, 0.05, 0.04, 0.035, 0.034, 0.034, 0.034, 0.04, 0.05, 0.06]  # falls, flattens, rises
+    knobs = HybridKnobs(window=3, eps_slope=1e-3, k=2, tau_cap=8)
+    # Slopes (m[t-2] - m[t]) / 3: t=5: (0.035-0.034)/3 = 0.00033 < 1e-3, the first in [0, eps) from t=3 on.
+    assert replay_tau1(dip, knobs) == (5, "slope")
+    assert replay_tau1(dip, dataclasses.replace(knobs, eps_slope=0.0)) == (8, "tau_cap")  # [0, 0) holds no slope
+    rows = grid_table([dip, dip], windows=[3], eps_slopes=[0.0, 1e-3], tau_caps=[8])
+    assert [(r["eps_slope"], r["slope_fraction"], r["tau1_median"]) for r in rows] == [(1e-3, 1.0, 5), (0.0, 0.0, 8)]
