@@ -1,10 +1,11 @@
 """Test-only: the reference code's SD3 pipeline bug, reproduced behind a transport, to measure what it costs.
 
-The reference feeds stage 1 the cached output of block n/2 (stage 1's own first block) instead of block n/2-1
-(stage 0's last), and that cache is written only at the first pipeline step, so the feed is frozen there. This
-wrapper does the same to an in-process run: at the pipeline's first step (the warm-up, where stage 0's device runs
-the whole model and records its exports) it records block n/2 under stage 0's export names, and every later
-pipeline step of that image feeds stage 1 that same recording. Nothing in the serving package knows of it.
+The reference feeds stage 1 the cached output of block n/2 (stage 1's own first block, cached on stage 1's device)
+instead of block n/2-1 (stage 0's last), and that cache is written only at the first pipeline step, so the feed is
+frozen there. This wrapper does the same to an in-process run: at the pipeline's first step (the warm-up, where
+every device runs the whole model) stage 1's device records its block n/2 under stage 0's export names (the loop
+keeps the last device's exports, so this recording is what the next step feeds), and every later pipeline step
+of that image feeds stage 1 that same recording. Nothing in the serving package knows of it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class FrozenStageFeed:
         self._frozen: dict | None = None
 
     async def denoise(self, device: int, task: DenoiseTask) -> DenoiseOutput:
-        if task.capture_stage == 0:
+        if task.capture_stage == 1:
             self._frozen = None  # a new image's pipeline phase starts
             return await self._capture_wrong_block(device, task)
         if task.stage is not None and task.stale:
@@ -40,11 +41,11 @@ class FrozenStageFeed:
         return await self.inner.denoise(device, task)
 
     async def _capture_wrong_block(self, device: int, task: DenoiseTask) -> DenoiseOutput:
-        """The warm-up pass, recording stage 1's first block (block n/2) as if it were stage 0's last."""
+        """Stage 1's warm-up pass, recording its first block (block n/2) as if it were stage 0's last."""
         denoiser = self.inner.denoisers[device]
         split, export = denoiser.split, denoiser._middle_export
         wrong = split.owned[1][0]
-        denoiser.split = dataclasses.replace(split, exports=((wrong,), *split.exports[1:]))
+        denoiser.split = dataclasses.replace(split, exports=(split.exports[0], (wrong,)))
         denoiser._middle_export = wrong
         try:
             return await self.inner.denoise(device, task)

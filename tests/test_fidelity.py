@@ -42,14 +42,25 @@ def test_frozen_feed_sends_one_wrong_recording_to_every_pipeline_step(sd3_tiny):
     assert report.schedule["phase_steps"]["pipeline"] == 4
     frozen = FrozenStageFeed(correct)
     local.transport = frozen
-    wrong, _, _ = local.generate(PROMPT, REQUEST)
+    stage1 = local.denoisers[1].model  # device 1 runs the conditional branch and owns stage 1
+    half = len(stage1.transformer_blocks) // 2
+    outputs: list = []
+    hook = stage1.transformer_blocks[half].register_forward_hook(lambda module, args, out: outputs.append(out))
+    try:
+        wrong, _, _ = local.generate(PROMPT, REQUEST)
+    finally:
+        hook.remove()
 
     assert len(frozen.feeds_sent) == 4
     for feed in frozen.feeds_sent[1:]:  # frozen: the first pipeline step's feed, every step
         assert all(torch.equal(feed[name], frozen.feeds_sent[0][name]) for name in feed)
     correct_feeds = correct.feeds[:4]  # the correct run: stage 0's fresh output each step
     assert not all(torch.equal(correct_feeds[1][n], correct_feeds[0][n]) for n in correct_feeds[0])
-    # The recording is block n/2's (stage 1's first block), not block n/2-1's that the correct run sends.
+    # The recording is block n/2's (stage 1's first block) on device 1 at the warm-up (its 5th call: steps 0-3
+    # partition, step 4 the warm-up), not block n/2-1's that the correct run sends.
+    encoder, hidden = outputs[4]
+    assert torch.equal(frozen.feeds_sent[0]["MIDDLE_HIDDEN"], hidden)
+    assert torch.equal(frozen.feeds_sent[0]["MIDDLE_ENCODER"], encoder)
     assert not torch.equal(frozen.feeds_sent[0]["MIDDLE_HIDDEN"], correct_feeds[0]["MIDDLE_HIDDEN"])
     assert not np.array_equal(right, wrong)
     # The wrapper leaves the denoisers as it found them: the correct run is unchanged afterwards.
