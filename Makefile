@@ -4,7 +4,17 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-SIZE ?= small
+# The built-in models (SIZE=shapes): the trained shape models where a family has one (docs/training.md), else the
+# random `small` checkpoint. SIZE=small or SIZE=tiny serves the random checkpoints of that size for both families.
+SIZE ?= shapes
+TRAINED_sdxl := models/sdxl-shapes
+TRAINED_sd3 :=
+builtin = $(if $(filter shapes,$(SIZE)),$(or $(TRAINED_$(1)),checkpoints/$(1)-small),checkpoints/$(1)-$(SIZE))
+SDXL_MODEL ?= $(call builtin,sdxl)
+SD3_MODEL ?= $(call builtin,sd3)
+# Speed measurements (make bench's latencies, the load tests of issue 11: SDXL small, 256 px) stay on the random
+# checkpoints of this size: a 64x64 shape model's steps are too short to measure anything but overhead.
+SPEED_SIZE ?= small
 DEVICES ?= 2
 KIND ?= cpu
 HTTP_PORT ?= 8000
@@ -22,7 +32,7 @@ SOAK_SIZE ?= tiny
 PROTOCOL ?= http
 MODE ?= hybrid
 FAMILY ?= sdxl
-PROMPT ?= a lighthouse on a cliff at sunset, oil painting
+PROMPT ?= a red circle on the left
 OUT ?= out/image.png
 # Admission (docs/overload.md): requests that may wait per family, their start deadline, the orchestrator gate.
 QUEUE_SIZE ?= 4
@@ -33,7 +43,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)/python_backend:$(CURDIR)
 
 .PHONY: setup serve test test-fast generate repository checkpoints lint clean bench loadtest loadtest-open \
-	gpu-check gpu-wheels chaos ready train soak
+	gpu-check gpu-wheels chaos ready train soak speed-repository
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,7 +60,7 @@ checkpoints/sdxl-%/model_index.json: | setup
 checkpoints/sd3-%/model_index.json: | setup
 	$(PY) -m export.build_checkpoint --family sd3 --size $* --out checkpoints/sd3-$*
 
-checkpoints: checkpoints/sdxl-$(SIZE)/model_index.json checkpoints/sd3-$(SIZE)/model_index.json
+checkpoints: $(SDXL_MODEL)/model_index.json $(SD3_MODEL)/model_index.json
 
 # The trained shape models (docs/training.md): `make train FAMILY=sdxl` reproduces models/sdxl-shapes. Resumable:
 # the state lives in checkpoints/train/FAMILY; run the same command again after a stop to continue.
@@ -61,14 +71,18 @@ train: setup
 	$(PY) -m train --family $(FAMILY) --size shapes --state checkpoints/train/$(FAMILY) \
 		--out models/$(FAMILY)-shapes --steps $(TRAIN_STEPS_$(FAMILY)) $(TRAIN_ARGS_$(FAMILY))
 
-# The served repository: both families (SDXL and SD3) side by side, SIZE=small on DEVICES=2 CPU cores by
-# default (KIND=gpu for GPUs). SDXL_MODEL=models/sdxl-shapes serves the trained model instead (64x64 images).
-SDXL_MODEL ?= checkpoints/sdxl-$(SIZE)
-SD3_MODEL ?= checkpoints/sd3-$(SIZE)
+# The served repository: both families (SDXL and SD3) side by side, the built-in models on DEVICES=2 CPU cores by
+# default (KIND=gpu for GPUs); SDXL_MODEL / SD3_MODEL (set at the top) name any other checkpoint folder.
+make_repository = $(PY) -m export.make_repository --out $(1) --model sdxl=$(2) --model sd3=$(3) \
+	--devices $(DEVICES) --kind $(KIND) \
+	--queue-size $(QUEUE_SIZE) --start-timeout-us $(START_TIMEOUT_US) --max-per-device $(MAX_PER_DEVICE)
 repository: checkpoints
-	$(PY) -m export.make_repository --out model_repository --model sdxl=$(SDXL_MODEL) \
-		--model sd3=$(SD3_MODEL) --devices $(DEVICES) --kind $(KIND) \
-		--queue-size $(QUEUE_SIZE) --start-timeout-us $(START_TIMEOUT_US) --max-per-device $(MAX_PER_DEVICE)
+	$(call make_repository,model_repository,$(SDXL_MODEL),$(SD3_MODEL))
+
+# The repository the speed measurements serve: the random SPEED_SIZE checkpoints of both families.
+SPEED_REPOSITORY := build/speed-repository
+speed-repository: checkpoints/sdxl-$(SPEED_SIZE)/model_index.json checkpoints/sd3-$(SPEED_SIZE)/model_index.json
+	$(call make_repository,$(SPEED_REPOSITORY),checkpoints/sdxl-$(SPEED_SIZE),checkpoints/sd3-$(SPEED_SIZE))
 
 serve: repository
 	$(PY) -m hybridiff.tritonserver --model-repository model_repository \
@@ -89,17 +103,20 @@ generate: setup
 	$(PY) -m client.generate --family $(FAMILY) --prompt "$(PROMPT)" --mode $(MODE) \
 		--protocol $(PROTOCOL) --out $(OUT)
 
-# Latency, speed-ups, efficiency, overhead, bytes moved and fidelity of every mode (small model, 50 steps).
-bench: repository
-	$(PY) -m bench --checkpoint-size $(SIZE) --repository model_repository --out out/bench
+# Latency, speed-ups, efficiency, overhead, bytes moved of every mode on the SPEED_SIZE models (50 steps, 512 px),
+# then fidelity and prompt adherence per mode, tau sources and the k ablation on the trained SDXL model.
+bench: speed-repository
+	$(PY) -m bench --checkpoint-size $(SPEED_SIZE) --repository $(SPEED_REPOSITORY) --out out/bench
+	$(PY) -m bench.fidelity --family sdxl --checkpoint $(SDXL_MODEL) --random checkpoints/sdxl-$(SPEED_SIZE) \
+		--out out/bench
 
-# Locust concurrency sweep (1, 2, 4, 8 users per mode and auto) against a server it starts on the small model.
-loadtest: repository
-	$(PY) -m loadtest.run --repository model_repository --out out/loadtest
+# Locust concurrency sweep (1, 2, 4, 8 users per mode and auto) against a server it starts on the SPEED_SIZE models.
+loadtest: speed-repository
+	$(PY) -m loadtest.run --repository $(SPEED_REPOSITORY) --out out/loadtest
 
 # Open-loop SLO test (Poisson and bursty arrivals at 0.2-1.5x the serial capacity, every mode, ABBA halves).
-loadtest-open: repository
-	$(PY) -m loadtest.openloop --repository model_repository --out out/openloop
+loadtest-open: speed-repository
+	$(PY) -m loadtest.openloop --repository $(SPEED_REPOSITORY) --out out/openloop
 
 # GPU check: in-process parity on CUDA fp16 and the real server on a KIND_GPU repository (docs/deploy.md).
 # Without CUDA it reports those parts as skipped and runs the in-process checks on CPU instead. On a GPU

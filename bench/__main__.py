@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     from hybridiff.families import get_family
+    from hybridiff.serving_defaults import read_serving_defaults
 
     families = args.families.split(",")
     checkpoints = {f: args.checkpoints / f"{f}-{args.checkpoint_size}" for f in families}
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         probe_machine(families, checkpoints, args)
         return
 
-    guidance = {f: get_family(f).defaults.guidance_scale for f in families}
+    guidance = {f: read_serving_defaults(checkpoints[f], get_family(f).defaults).guidance_scale for f in families}
     one_device = {f: OneDevice(f, checkpoints[f], args.size) for f in families}
     neighbours = {f: Neighbour(f, checkpoints[f], args.size) for f in families}
     alternative = {f: DiffusersAllCores(checkpoints[f], guidance[f], args.steps, args.size) for f in families}

@@ -97,10 +97,11 @@ def test_sd3_alone_or_beside_sdxl_gets_its_own_models_and_wire_tensors(tmp_path)
 
 
 def test_committed_repository_is_what_make_repository_writes(tmp_path):
-    """model_repository/ in git is `make repository` output (small SDXL and SD3 side by side, 2 CPU devices)."""
+    """model_repository/ in git is `make repository` output (the built-in models: the trained SDXL, the small SD3,
+    side by side on 2 CPU devices)."""
     out = tmp_path / "model_repository"
-    checkpoints = tmp_path / "checkpoints"
-    write_repository(out, {"sdxl": checkpoints / "sdxl-small", "sd3": checkpoints / "sd3-small"}, Deployment(devices=2))
+    write_repository(out, {"sdxl": tmp_path / "models" / "sdxl-shapes", "sd3": tmp_path / "checkpoints" / "sd3-small"},
+                     Deployment(devices=2))
     for path in sorted(out.rglob("*")):
         if path.is_file():
             committed = REPO / "model_repository" / path.relative_to(out)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from train.components import TRAIN_SIZES
-from train.stages import Hyper, export, train_denoiser, train_vae
+from train.stages import TRAINED_KNOBS, Hyper, export, train_denoiser, train_vae
 
 TINY = TRAIN_SIZES["tiny"]
 
@@ -49,6 +49,10 @@ def test_a_few_steps_on_tiny_lower_the_loss_and_export_loads(tmp_path, family):
     folder = export(family, tmp_path / "ckpt", tmp_path, vae, modules, tokenizers)
     assert (folder / "model_index.json").is_file()
     pipe = LocalPipeline(family, folder, devices=1)
+    # The export writes the model's serving defaults: its size (here the smallest a server takes) and knobs.
+    assert (pipe.defaults.height, pipe.defaults.width) == (64, 64)
+    expected_window = TRAINED_KNOBS.get(family, {}).get("slope_window", pipe.family.defaults.knobs.window)
+    assert pipe.defaults.knobs.window == expected_window
     side = TINY.image_size
     request = ImageRequest(seed=1, steps=4, guidance_scale=4.0, height=side, width=side, mode=Mode.SERIAL,
                            knobs=pipe.family.defaults.knobs)

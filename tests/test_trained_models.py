@@ -59,3 +59,19 @@ def test_draws_held_out_prompts_colour_in_the_right_place(family):
         reading = read_image(local.generate(caption(colour, shape, position), request(family, 100 + i))[0])
         right += reading.colour == colour and reading.position == position
     assert right >= len(HELD_OUT_COMBINATIONS) - 1
+
+
+def test_sdxl_hybrid_at_the_checkpoints_defaults_finds_tau1_by_the_slope():
+    """The knobs in models/sdxl-shapes/serving_defaults.json make the slope test, not tau_cap, place tau1."""
+    from hybridiff.serving_defaults import read_serving_defaults
+
+    path = folder("sdxl")
+    local = LocalPipeline("sdxl", path, devices=2)
+    d = read_serving_defaults(path, local.family.defaults)
+    request = ImageRequest(seed=1000, steps=d.steps, guidance_scale=d.guidance_scale, height=d.height, width=d.width,
+                           mode=Mode.HYBRID, knobs=d.knobs)
+    _, report, _ = local.generate(caption(*HELD_OUT_COMBINATIONS[0]), request)
+    assert report.schedule["tau_source"] == "slope"
+    assert d.knobs.window <= report.schedule["tau1"] < d.knobs.tau_cap
+    assert report.schedule["phase_steps"]["pipeline"] == d.knobs.k - 1  # warm-up, then k - 1 pipeline steps
+    assert local.defaults == d  # LocalPipeline applies the same file

@@ -166,7 +166,7 @@ def in_process(family: str, setup: Setup, part: str) -> list[Row]:
     rows: list[Row] = []
     folder = checkpoint(family, setup.size)
     local = LocalPipeline(family, folder, devices=2, device=setup.device, dtype=setup.dtype)
-    defaults = local.family.defaults
+    defaults = local.defaults
     request = ImageRequest(seed=SEED, steps=setup.steps, guidance_scale=defaults.guidance_scale,
                            height=setup.side, width=setup.side, mode=Mode.SERIAL, knobs=defaults.knobs)
     images: dict[str, np.ndarray] = {}

@@ -27,7 +27,7 @@ def sample(pipe, prompts: list[str], guidance: float, steps: int, size: int, see
     from hybridiff.loop import ImageRequest
     from hybridiff.schedule import Mode
 
-    knobs = pipe.family.defaults.knobs
+    knobs = pipe.defaults.knobs
     images = []
     for prompt, seed in zip(prompts, seeds, strict=True):
         request = ImageRequest(seed=seed, steps=steps, guidance_scale=guidance, height=size, width=size,
@@ -62,7 +62,7 @@ def evaluate(family: str, folder: Path, guidances: Sequence[float], steps: int =
 
 def compare_modes(family: str, folder: Path, modes: Sequence[str], steps: int | None = None, per_prompt: int = 2,
                   size: int = 64) -> dict[str, dict[str, object]]:
-    """Each mode at the family's default guidance and knobs on two devices: adherence on the held-out prompts,
+    """Each mode at the checkpoint's default guidance and knobs on two devices: adherence on the held-out prompts,
     PSNR against ``serial`` (of the mean squared error over all images), and where tau1 came from."""
     import dataclasses
 
@@ -71,7 +71,7 @@ def compare_modes(family: str, folder: Path, modes: Sequence[str], steps: int | 
     from hybridiff.schedule import Mode
 
     pipe = LocalPipeline(family, folder, devices=2)
-    defaults = pipe.family.defaults
+    defaults = pipe.defaults  # the checkpoint's serving defaults (its knobs)
     prompts = [caption(*c) for c in HELD_OUT_COMBINATIONS for _ in range(per_prompt)]
     base = ImageRequest(seed=0, steps=steps or defaults.steps, guidance_scale=defaults.guidance_scale, height=size,
                         width=size, mode=Mode.SERIAL, knobs=defaults.knobs)
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", choices=["held_out", "train"], default="held_out")
     parser.add_argument("--grid", type=Path, default=None, help="PNG: one row per guidance, one image per prompt")
     parser.add_argument("--modes", nargs="+", default=None,
-                        help="instead: compare these modes at the family's defaults (--steps 0: default steps)")
+                        help="instead: compare these modes at the checkpoint's defaults (--steps 0: default steps)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     report: dict[str, object] = {"family": args.family, "split": args.split, "steps": args.steps}

@@ -273,6 +273,25 @@ def train_denoiser(family: str, size: TrainSize, state_dir: Path, vae: Autoencod
     return {k: e.shadow for k, e in emas.items()}, tokenizers, done
 
 
+# The hybrid knobs that suit each trained model, written into its serving_defaults.json on export (how they were
+# chosen: docs/training.md, "The modes on the trained model"). A family without an entry keeps the family's knobs.
+TRAINED_KNOBS: dict[str, dict[str, float]] = {
+    "sdxl": {"slope_window": 8, "eps_slope": 1.5e-3, "tau_cap": 20},
+}
+
+
+def write_model_defaults(family: str, folder: Path) -> Path:
+    """The checkpoint's serving defaults: its VAE's image size (it was trained at that size) and its knobs."""
+    from hybridiff.families import get_family
+    from hybridiff.serving_defaults import write_serving_defaults
+    from hybridiff.wire import Limits
+
+    # The size it was trained at, or the smallest a server accepts (a test's 16-pixel model draws at 64).
+    side = max(json.loads((folder / "vae" / "config.json").read_text())["sample_size"], Limits().min_size)
+    values = {"height": side, "width": side, **TRAINED_KNOBS.get(family, {})}
+    return write_serving_defaults(folder, get_family(family).defaults, values)
+
+
 def export(family: str, out_dir: Path, state_dir: Path, vae: AutoencoderKL, modules: dict, tokenizers: list) -> Path:
     """Save the EMA weights as a diffusers folder laid out exactly like the built-in checkpoints."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
@@ -299,6 +318,7 @@ def export(family: str, out_dir: Path, state_dir: Path, vae: AutoencoderKL, modu
             )
         pipe.save_pretrained(folder, safe_serialization=True)
         restore_files(folder, files)
+        write_model_defaults(family, folder)
         if family == "sd3":
             index_path = folder / "model_index.json"
             index = json.loads(index_path.read_text())

@@ -16,6 +16,7 @@ from .families import get_family
 from .host_memory import keep_freed_memory
 from .loop import ImageRequest, InProcessTransport, LoopReport, Transport, denoise_image
 from .schedule import COND, UNCOND
+from .serving_defaults import read_serving_defaults
 
 
 class LocalPipeline:
@@ -31,6 +32,7 @@ class LocalPipeline:
         device = torch.device(device)
         keep_freed_memory()  # as the server's stubs do, so local timings compare like with like
         self.family = get_family(family_name)
+        self.defaults = read_serving_defaults(folder, self.family.defaults)  # with the checkpoint's own applied
         self.text_encoder = self.family.load_text_encoder(folder, device, dtype)
         self.latent_math = self.family.load_latent_math(folder)
         self.decoder = self.family.load_decoder(folder, device, dtype)

@@ -78,7 +78,7 @@ def _check_range(field: str, value: float, low: float, high: float | None = None
         raise InvalidParameter(field, f"{value} outside the allowed range [{low}, {upper}]")
 
 
-def _parse_input(spec: RequestInput, array: np.ndarray | None, defaults: FamilyDefaults, limits: Limits):
+def parse_input(spec: RequestInput, array: np.ndarray | None, defaults: FamilyDefaults, limits: Limits):
     """One scalar input: its value or default, checked against the wire definition's rules."""
     value = _scalar(spec.name, array, spec.python_type, spec.default_for(defaults))
     if spec.choices:
@@ -100,7 +100,7 @@ def parse_image_requests(
     allowed_modes: tuple[Mode, ...] = tuple(Mode),
 ) -> list[ImageRequest]:
     """Validate every parameter but the prompts (rules from :mod:`hybridiff.wire`); one request per prompt."""
-    values = {spec.name: _parse_input(spec, inputs.get(spec.name), defaults, limits) for spec in scalar_inputs()}
+    values = {spec.name: parse_input(spec, inputs.get(spec.name), defaults, limits) for spec in scalar_inputs()}
     _check_range("SEED", values["SEED"], 0, MAX_SEED - batch)
     names = [m.value for m in allowed_modes]
     if values["MODE"] not in names:

@@ -144,6 +144,7 @@ class Family(ABC):
 
     @property
     def defaults(self) -> FamilyDefaults:
+        """The family's own defaults; a checkpoint may override them (:mod:`hybridiff.serving_defaults`)."""
         return self.wire.defaults
 
     @property

@@ -26,6 +26,7 @@ from ..inflight import InFlightBoard, Occupancy, default_board_path, remove_dead
 from ..loop import DenoiseTask, DeviceUnavailable, ImageRequest, RunHooks, denoise_image
 from ..params import InvalidParameter, parse_image_requests
 from ..schedule import COND, UNCOND, NoDeviceLeft, place_request
+from ..serving_defaults import read_serving_defaults
 from ..validation import check_text_conditioning, model_limits
 from .common import error_response, from_triton, input_array, input_tensor, model_context, to_triton
 from .metrics import OrchestratorMetrics
@@ -181,6 +182,7 @@ class TritonPythonModel:
         self.latent_math = self.family.load_latent_math(context.checkpoint)
         self.shapes = self.family.model_shapes(context.checkpoint)
         self.limits = model_limits(params, self.shapes)
+        self.defaults = read_serving_defaults(context.checkpoint, self.family.defaults, self.limits)
         self.transport = BLSTransport(
             self.family,
             params["denoisers"].split(","),
@@ -240,7 +242,7 @@ class TritonPythonModel:
             shapes = {name: None if t is None else tuple(t.shape) for name, t in embeds.items()}
             batch = check_text_conditioning(shapes, self.shapes, self.limits)
             scalars = {spec.name: input_array(request, spec.name) for spec in wire.scalar_inputs()}
-            image_requests = parse_image_requests(scalars, self.family.defaults, self.limits, batch)
+            image_requests = parse_image_requests(scalars, self.defaults, self.limits, batch)
         except InvalidParameter as err:
             return error_response(str(err))
         latents, schedules = [], []
