@@ -214,9 +214,9 @@ def test_a_down_device_is_avoided_then_probed_by_one_request_then_cleared(tmp_pa
     assert board.mark_down(1) == [True, False]
     seen = []
 
-    def choose(loads, up):
-        seen.append(up)
-        placement = place_request(Mode.AUTO, loads, True, up)
+    def choose(snapshot):
+        seen.append(snapshot.up)
+        placement = place_request(Mode.AUTO, snapshot.loads, True, snapshot.up)
         return placement, placement.devices
 
     with board.occupy(choose) as placed:
@@ -247,10 +247,10 @@ def test_a_corrupt_board_is_reset_with_a_log_line(tmp_path, caplog, content):
     board = InFlightBoard(path, 2)
     assert board.loads() == [0, 0] and board.up() == [True, True]
     with caplog.at_level(logging.WARNING, logger="hybridiff.inflight"):
-        with board.occupy(lambda loads, up: (None, (1,))):
+        with board.occupy(lambda seen: (None, (1,))):
             assert board.loads() == [0, 1]
     assert "unreadable" in caplog.text and "reset" in caplog.text
-    assert json.loads(path.read_text()) == {"entries": {}, "down": {}}
+    assert json.loads(path.read_text()) == {"entries": {}, "down": {}, "costs": {}}
 
 
 # --- Triton errors --------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_a_run_stopped_by_an_error_releases_its_devices(tmp_path):
     """A cancelled or timed-out run raises out of the loop: its devices must not stay busy on the board."""
     board = InFlightBoard(tmp_path / "board.json", 2)
     with pytest.raises(RuntimeError, match="cancelled"):
-        with board.occupy(lambda loads, up: (None, (0, 1))):
+        with board.occupy(lambda seen: (None, (0, 1))):
             assert board.loads() == [1, 1]
             raise RuntimeError("cancelled")
     assert board.loads() == [0, 0]
