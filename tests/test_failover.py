@@ -10,6 +10,7 @@ import logging
 
 import pytest
 
+from hybridiff.deadline import BoardView, Costs, Running
 from hybridiff.inflight import DOWN_RETRY_SECONDS, InFlightBoard
 from hybridiff.local import LocalPipeline
 from hybridiff.loop import DenoiseTask, DeviceUnavailable, ImageRequest, InProcessTransport, RunHooks, denoise_image
@@ -195,6 +196,35 @@ def test_an_error_that_is_not_a_device_failure_is_not_failed_over(local):
 
     with pytest.raises(ValueError, match="bad input"):
         run(local, dataclasses.replace(request(Mode.SERIAL), steps=2), Broken(local.denoisers))
+
+
+class BoardViewHooks(RunHooks):
+    """A board whose view gets a newcomer (2 s of work, 2.2 s to its deadline) on device 0 after step 1."""
+
+    def __init__(self) -> None:
+        self.progress, self.occupied = [], []
+
+    def board_view(self) -> BoardView:
+        others = [Running((0,), 2.0, 2.2)] if len(self.progress) >= 2 else []
+        return BoardView([1 + len(others), 1], Running((0, 1), 1.0, None, True), others, Costs(step_s=0.1))
+
+    def advanced(self, steps_left, may_yield, sample) -> None:
+        self.progress.append((steps_left, may_yield, sample))
+
+    def occupy(self, devices) -> None:
+        self.occupied.append(tuple(devices))
+
+
+def test_the_loop_reports_steps_left_and_costs_and_yields_when_a_deadline_needs_it(local, serial_image):
+    hooks = BoardViewHooks()
+    placed_by_auto = dataclasses.replace(request(Mode.HYBRID), mode_requested=Mode.AUTO)
+    image, report = run(local, placed_by_auto, InProcessTransport(local.denoisers), hooks)
+    assert report.schedule["serial_from_step"] == 2 and hooks.occupied == [(1,)]  # gave device 0 to the newcomer
+    assert [left for left, _, _ in hooks.progress] == list(range(11, -1, -1))
+    assert [may for _, may, _ in hooks.progress] == [True, True] + [False] * 10
+    assert [sample.kind for _, _, sample in hooks.progress] == ["split"] * 2 + ["serial"] * 10
+    assert all(sample.batched == 1 and sample.wall_s >= sample.compute_s > 0 for _, _, sample in hooks.progress)
+    assert max_pixel_diff(image, serial_image) <= 1
 
 
 # --- the board ------------------------------------------------------------------------------
