@@ -40,6 +40,14 @@ def test_two_idle_devices_are_split():
     assert choice.predicted_s == pytest.approx(1.25)
 
 
+def test_equal_predictions_go_to_the_device_with_less_work_left():
+    # Both neighbours outlast the newcomer (equal overlap), or batching looks free (batch gain 2).
+    assert choose(20, None, [serial(0, 60), serial(1, 30)], COSTS, 2).devices == (1,)
+    free = Costs(step_s=0.1, batch_gain=2.0)
+    running = [Running((0,), 6.0), Running((1,), 0.5)]
+    assert choose(20, None, running, free, 2).devices == (1,)
+
+
 def test_no_guidance_or_one_device_runs_serial():
     assert choose(20, 3.0, [], COSTS, 2, guidance=False).mode is Mode.SERIAL
     assert choose(20, 3.0, [], COSTS, 1).devices == (0,)

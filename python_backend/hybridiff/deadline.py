@@ -167,8 +167,8 @@ def choose(
     Both least busy devices idle: ``hybrid``. Otherwise serial on the device that finishes it first,
     if that meets the deadline (a split auto run there that would give the device back, by
     :func:`give_back`, is not counted); else both least busy devices (``cfg_parallel``) if that does;
-    else whichever is predicted fastest. Only devices that are ``up`` are chosen; ties go to the
-    lower index.
+    else whichever is predicted fastest. Only devices that are ``up`` are chosen; ties go to less
+    work left, then to the lower index.
     """
     candidates = [d for d in range(num_devices) if up is None or up[d]]
     if not candidates:
@@ -179,9 +179,11 @@ def choose(
         return [r.remaining_s for r in running
                 if device in r.devices and not (alone_here and _yields_to(r, own_s, deadline_s, costs))]
 
+    # Equal predictions (e.g. neighbours all longer than this request, or batching that looks free)
+    # go to the device with less work left, then the lower index.
     serial = min(
         (Choice(Mode.SERIAL, (d,), overlap_latency(own_s, neighbours(d, True), costs)) for d in candidates),
-        key=lambda c: (c.predicted_s, c.devices),
+        key=lambda c: (c.predicted_s, sum(neighbours(c.devices[0], True)), c.devices),
     )
     if not guidance or len(candidates) < 2:
         return serial

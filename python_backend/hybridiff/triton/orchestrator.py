@@ -240,7 +240,8 @@ class TritonPythonModel:
                 self.family, self.latent_math, self.transport, branch_cond, placed, hooks
             )
         summary = {"seed": image_request.seed, **report.as_dict(), "devices": devices, "loads_seen": loads,
-                   "placed_by": decided.rule, "predicted_s": decided.predicted_s}
+                   "placed_by": decided.rule, "predicted_s": decided.predicted_s,
+                   "deadline_left_s": None if seconds_left is None else round(seconds_left, 3)}
         self.metrics.record(summary)
         return latents, summary
 
