@@ -29,9 +29,6 @@ from .schedule import yield_device as yield_device_by_count
 EWMA_ALPHA = 0.2
 DEFAULT_PARALLEL_SPEEDUP = 1.6
 DEFAULT_BATCH_GAIN = 1.5
-# A split step can be slower than a serial one (small images, where a step's fixed costs dominate):
-# the learned speed-up may go below 1, and then auto does not split.
-MIN_PARALLEL_SPEEDUP = 0.5
 
 
 @dataclass(frozen=True)
@@ -39,7 +36,7 @@ class Costs:
     """What denoising costs on this deployment, for one image size (learned: :func:`costs_from`)."""
 
     step_s: float  # one serial step of this request's size, on an idle device
-    parallel_speedup: float = DEFAULT_PARALLEL_SPEEDUP  # a serial step's time over a two-device step's, <= 2
+    parallel_speedup: float = DEFAULT_PARALLEL_SPEEDUP  # a two-device step vs a serial step, in [1, 2]
     batch_gain: float = DEFAULT_BATCH_GAIN  # two requests sharing a device vs the two back to back, in [1, 2]
 
     @property
@@ -92,7 +89,7 @@ def costs_from(estimate: Mapping[str, float] | None) -> Costs | None:
     gain = DEFAULT_BATCH_GAIN
     if estimate.get("pair_compute") and estimate.get("serial_compute"):
         gain = 2.0 * estimate["serial_compute"] / estimate["pair_compute"]
-    return Costs(serial, min(max(speedup, MIN_PARALLEL_SPEEDUP), 2.0), min(max(gain, 1.0), 2.0))
+    return Costs(serial, min(max(speedup, 1.0), 2.0), min(max(gain, 1.0), 2.0))
 
 
 @dataclass(frozen=True)
@@ -167,8 +164,7 @@ def choose(
 ) -> Choice:
     """The mode for a new ``auto`` request of ``steps`` steps with ``deadline_s`` seconds to finish.
 
-    Both least busy devices idle: ``hybrid``, if splitting is faster than serial there (a learned
-    speed-up below 1 says it is not). Otherwise serial on the device that finishes it first,
+    Both least busy devices idle: ``hybrid``. Otherwise serial on the device that finishes it first,
     if that meets the deadline (a split auto run there that would give the device back, by
     :func:`give_back`, is not counted); else both least busy devices (``cfg_parallel``) if that does;
     else whichever is predicted fastest. Only devices that are ``up`` are chosen; ties go to less
@@ -194,7 +190,7 @@ def choose(
     order = sorted(candidates, key=lambda d: (sum(neighbours(d, False)), d))
     pair = (min(order[:2]), max(order[:2]))
     split_s = own_s / costs.parallel_speedup
-    if not neighbours(pair[0], False) and not neighbours(pair[1], False) and split_s < serial.predicted_s:
+    if not neighbours(pair[0], False) and not neighbours(pair[1], False):
         return Choice(Mode.HYBRID, pair, split_s)
     parallel = Choice(
         Mode.CFG_PARALLEL, pair, max(overlap_latency(split_s, neighbours(d, False), costs) for d in pair)
