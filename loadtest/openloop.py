@@ -5,9 +5,11 @@
 
 Requests are sent at their drawn arrival times whether or not earlier ones have returned (Poisson,
 and a bursty Gamma process), from a fixed seed, so every mode sees the same arrivals. The SLO of a
-request is a multiple of its latency alone in ``serial``; loads are fractions of the measured serial
-capacity (requests per second that ``devices`` closed-loop serial clients complete). Each level runs
-in ABBA halves (``loadtest/openloop_levels.py``). Writes openloop.csv, openloop.md, openloop.png.
+request is a multiple of its latency alone in ``serial``, sent as the request's timeout so that
+``auto`` can plan for it (one SLO scale per pass; ``--no-slo-timeout``: one pass without timeouts
+reports every scale); loads are fractions of the measured serial capacity (requests per second
+that ``devices`` closed-loop serial clients complete). Each level runs in ABBA halves
+(``loadtest/openloop_levels.py``). Writes openloop.csv, openloop.md, openloop.png.
 
 asyncio with tritonclient's gRPC aio client, not Locust: Locust models users that wait for their
 answer (a closed loop); here one coroutine sleeps until each arrival time and fires the request as
@@ -39,6 +41,9 @@ from loadtest.openloop_levels import (
     level_order,
     level_row,
     offered_requests,
+    outcome_status,
+    slo_passes,
+    slo_timeouts,
 )
 
 LOCAL_PREFIXES = ("127.", "localhost", "[::1]")
@@ -48,29 +53,39 @@ def _fields(offered: Offered, mode: str, steps: int) -> dict:
     return {"mode": mode, "seed": offered.seed, "steps": steps, "height": offered.size, "width": offered.size}
 
 
-async def send(client, offered: Offered, mode: str, steps: int, started: float, timeout_s: float) -> Outcome:
-    """One request; a refusal (UNAVAILABLE) and any other error are outcomes, never exceptions."""
+async def send(
+    client, offered: Offered, mode: str, steps: int, started: float, timeout_s: float, slo_s: float | None = None
+) -> Outcome:
+    """One request; a refusal, an expiry and any other error are outcomes, never exceptions.
+
+    ``slo_s``: sent as the request's Triton timeout (the server refuses or stops it once that passed,
+    and ``auto`` places it to meet it); ``timeout_s`` bounds the wait here.
+    """
     from tritonclient.grpc import InferRequestedOutput
     from tritonclient.utils import InferenceServerException
 
     loop = asyncio.get_running_loop()
     sent = loop.time()
     outputs = [InferRequestedOutput("IMAGE"), InferRequestedOutput("SCHEDULE")]
+    server_timeout = None if slo_s is None else max(1, round(slo_s * 1e6))
     try:
         result = await client.infer(
             "sdxl", build_inputs("grpc", [PROMPTS[offered.prompt]], **_fields(offered, mode, steps)),
-            outputs=outputs, client_timeout=timeout_s,
+            outputs=outputs, timeout=server_timeout, client_timeout=timeout_s,
         )
         schedule = json.loads(result.as_numpy("SCHEDULE").reshape(-1)[0])
         return Outcome(offered.index, offered.key, sent - started, loop.time() - sent, "ok", schedule["mode_run"])
     except InferenceServerException as err:
-        status = "refused" if err.status() == "StatusCode.UNAVAILABLE" else "error"
+        status = outcome_status(str(err.status()), str(err.message()))
         return Outcome(offered.index, offered.key, sent - started, loop.time() - sent, status)
 
 
-async def run_half(url: str, half: Half, steps: int, timeout_s: float) -> tuple[list[Outcome], float, float]:
-    """Offer the half's requests at their times; returns outcomes, span (first send to last answer) and
-    the largest lag of a send behind its planned time (large values mean the client fell behind)."""
+async def run_half(
+    url: str, half: Half, steps: int, timeout_s: float, slos: dict[str, float] | None = None
+) -> tuple[list[Outcome], float, float]:
+    """Offer the half's requests at their times (each with its SLO from ``slos`` as its timeout); returns
+    outcomes, span (first send to last answer) and the largest lag of a send behind its planned time
+    (large values mean the client fell behind)."""
     from tritonclient.grpc.aio import InferenceServerClient
 
     client = InferenceServerClient(url)
@@ -81,7 +96,8 @@ async def run_half(url: str, half: Half, steps: int, timeout_s: float) -> tuple[
         for offered in half.requests:
             await asyncio.sleep(max(0.0, started + offered.at_s - loop.time()))
             lag = max(lag, loop.time() - started - offered.at_s)
-            tasks.append(asyncio.create_task(send(client, offered, half.mode, steps, started, timeout_s)))
+            slo_s = None if slos is None else slos[offered.key]
+            tasks.append(asyncio.create_task(send(client, offered, half.mode, steps, started, timeout_s, slo_s)))
         outcomes = list(await asyncio.gather(*tasks))
     finally:
         await client.close()
@@ -154,7 +170,7 @@ def write_outputs(rows: list[dict], out: Path, header: str, scales: list[float])
     write_csv(out / "openloop.csv", rows, list(rows[0]))
     lines = [header, ""]
     columns = ["process", "load", "slo_scale", "mode", "requests", "attainment", "attainment_halves", "p50_s",
-               "p95_s", "p99_s", "goodput_per_s", "refused", "refusal_max_s", "errors", "modes_run"]
+               "p95_s", "p99_s", "goodput_per_s", "refused", "refusal_max_s", "expired", "errors", "modes_run"]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
@@ -214,7 +230,10 @@ async def sweep(args, url: str) -> tuple[list[dict], str]:
     print(f"solo serial latency: {json.dumps({k: round(v, 3) for k, v in solo.items()})}; "
           f"serial capacity {capacity:.3f} requests/s", flush=True)
     rows, partial, worst_lag = [], False, 0.0
-    for process in processes:
+    passes = [(process, sent, reported)
+              for process in processes for sent, reported in slo_passes(scales, args.slo_timeout)]
+    for process, sent_scale, reported in passes:
+        slos = slo_timeouts(solo, sent_scale)
         for load in loads:
             rate = load * capacity
             count = max(args.min_requests, round(rate * args.level_seconds))
@@ -224,15 +243,16 @@ async def sweep(args, url: str) -> tuple[list[dict], str]:
                 if time.monotonic() > deadline:
                     partial = True
                     break
-                outcomes, span, lag = await run_half(url, half, args.steps, timeout_s)
+                outcomes, span, lag = await run_half(url, half, args.steps, timeout_s, slos)
                 worst_lag = max(worst_lag, lag)
                 halves[half.mode].append((outcomes, span))
-                print(f"{process} load={load} mode={half.mode} half={half.index} requests={len(outcomes)} "
-                      f"ok={sum(o.status == 'ok' for o in outcomes)} refused="
-                      f"{sum(o.status == 'refused' for o in outcomes)} span={span:.1f}s", flush=True)
+                counts = " ".join(f"{status}={sum(o.status == status for o in outcomes)}"
+                                  for status in ("ok", "refused", "expired", "error"))
+                print(f"{process} slo={sent_scale} load={load} mode={half.mode} half={half.index} "
+                      f"requests={len(outcomes)} {counts} span={span:.1f}s", flush=True)
             if partial:
                 break
-            for scale in scales:
+            for scale in reported:
                 for mode in modes:
                     rows.append(level_row(mode, load, process, scale, halves[mode], solo))
         if partial:
@@ -242,8 +262,9 @@ async def sweep(args, url: str) -> tuple[list[dict], str]:
         f"({os.cpu_count()} cores). Steps {args.steps}, sizes {args.sizes}, seed {args.seed}, bursty CV {args.cv}. "
         f"Serial capacity {capacity:.3f} requests/s ({'given' if args.capacity else 'measured'}); solo serial "
         f"latency per request (median of {args.solo_repeats}): "
-        f"{', '.join(f'{k} {v:.2f} s' for k, v in sorted(solo.items()))}. SLO = scale x that latency; "
-        f"refusals and errors count as misses. Largest send lag {worst_lag * 1000:.0f} ms."
+        f"{', '.join(f'{k} {v:.2f} s' for k, v in sorted(solo.items()))}. SLO = scale x that latency"
+        + ("; sent as each request's timeout, one pass per scale" if args.slo_timeout else "; no request timeout")
+        + f"; refusals, expiries and errors count as misses. Largest send lag {worst_lag * 1000:.0f} ms."
         + (" PARTIAL: --max-seconds ran out before every level ran." if partial else "")
     )
     return rows, header
@@ -267,7 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--solo-repeats", type=int, default=3)
     parser.add_argument("--level-seconds", type=float, default=60.0, help="arrivals per level span about this")
     parser.add_argument("--min-requests", type=int, default=6)
-    parser.add_argument("--request-timeout", type=float, default=300.0)
+    parser.add_argument("--request-timeout", type=float, default=300.0, help="the client's own wait, seconds")
+    parser.add_argument("--slo-timeout", action=argparse.BooleanOptionalAction, default=True,
+                        help="send each request's SLO as its Triton timeout, one pass per SLO scale "
+                             "(--no-slo-timeout: one pass, no timeout, every scale reported from it)")
     parser.add_argument("--max-seconds", type=float, default=5400.0, help="stop starting new halves after this")
     parser.add_argument("--out", type=Path, default=Path("out/openloop"))
     args = parser.parse_args(argv)

@@ -99,8 +99,34 @@ class Outcome:
     key: str
     sent_s: float  # when it was sent, from the half's start
     latency_s: float  # until the answer (image, refusal or error)
-    status: str  # "ok", "refused" (UNAVAILABLE: the server was full) or "error"
+    status: str  # "ok", "refused" (the server was full), "expired" (its timeout, the SLO, passed) or "error"
     mode_run: str | None = None
+
+
+# What the server says when a request's own timeout passed: Triton's queue ("Request timeout expired"),
+# or the orchestrator between steps ("deadline exceeded: ..."). Both are UNAVAILABLE, as a full queue is.
+_EXPIRED = ("request timeout expired", "deadline exceeded")
+
+
+def outcome_status(code: str, message: str) -> str:
+    """How a failed request counts: ``refused`` (server full), ``expired`` (its timeout passed) or ``error``."""
+    if not code.endswith("UNAVAILABLE"):
+        return "error"
+    return "expired" if any(text in message.lower() for text in _EXPIRED) else "refused"
+
+
+def slo_passes(scales: list[float], slo_timeout: bool) -> list[tuple[float | None, list[float]]]:
+    """The passes over the loads: (the SLO scale sent as every request's timeout, the scales its rows
+    report). With timeouts each scale is its own pass, since a request carries one SLO; without, one
+    pass without timeouts reports every scale."""
+    if slo_timeout:
+        return [(scale, [scale]) for scale in scales]
+    return [(None, list(scales))]
+
+
+def slo_timeouts(solo_s: dict[str, float], scale: float | None) -> dict[str, float] | None:
+    """Each request's timeout in seconds: its SLO, ``scale`` times its solo serial latency (None: none)."""
+    return None if scale is None else {key: scale * latency for key, latency in solo_s.items()}
 
 
 def met_slo(outcome: Outcome, slo_s: float) -> bool:
@@ -153,6 +179,7 @@ def level_row(
         "goodput_per_s": sum(met) / span if span > 0 else 0.0,
         "refused": len(refused),
         "refusal_max_s": max(refused) if refused else 0.0,
+        "expired": sum(o.status == "expired" for o in outcomes),
         "errors": sum(o.status == "error" for o in outcomes),
         "modes_run": json.dumps(modes_run, sort_keys=True),
     }

@@ -1,42 +1,76 @@
-"""The deadline-aware auto policy on given loads (plain Python)."""
+"""The deadline-aware auto policy on given loads, and the cost arithmetic it rests on (plain Python)."""
 
 from __future__ import annotations
 
 import pytest
 
-from hybridiff.deadline import Costs, choose, give_back, overlap_latency
-from hybridiff.schedule import Mode
+from hybridiff.deadline import (
+    BoardView,
+    Costs,
+    Running,
+    StepSample,
+    choose,
+    costs_from,
+    give_back,
+    learn,
+    overlap_latency,
+    place,
+    running_from,
+    view_of,
+    yield_device,
+)
+from hybridiff.inflight import Snapshot
+from hybridiff.schedule import GuidanceSchedule, HybridKnobs, Mode, NoDeviceLeft
 
 COSTS = Costs(step_s=0.1, parallel_speedup=1.6, batch_gain=1.5)  # 20 steps alone: 2.0 s serial, 1.25 s split
+KNOBS = HybridKnobs(window=3, eps_slope=0.4e-3, k=4, tau_cap=10)
+
+
+def serial(device: int, steps: int, deadline_s: float | None = None) -> Running:
+    return Running((device,), COSTS.seconds(steps, 1), deadline_s)
+
+
+def split(steps: int, may_yield: bool = True) -> Running:
+    return Running((0, 1), COSTS.seconds(steps, 2), None, may_yield)
 
 
 def test_two_idle_devices_are_split():
-    choice = choose(20, deadline_s=3.0, remaining_steps=[[], []], costs=COSTS)
+    choice = choose(20, deadline_s=3.0, running=[], costs=COSTS, num_devices=2)
     assert choice.mode is Mode.HYBRID and choice.devices == (0, 1)
     assert choice.predicted_s == pytest.approx(1.25)
 
 
+def test_equal_predictions_go_to_the_device_with_less_work_left():
+    # Both neighbours outlast the newcomer (equal overlap), or batching looks free (batch gain 2).
+    assert choose(20, None, [serial(0, 60), serial(1, 30)], COSTS, 2).devices == (1,)
+    free = Costs(step_s=0.1, batch_gain=2.0)
+    running = [Running((0,), 6.0), Running((1,), 0.5)]
+    assert choose(20, None, running, free, 2).devices == (1,)
+
+
 def test_no_guidance_or_one_device_runs_serial():
-    assert choose(20, 3.0, [[], []], COSTS, guidance=False).mode is Mode.SERIAL
-    assert choose(20, 3.0, [[]], COSTS).devices == (0,)
+    assert choose(20, 3.0, [], COSTS, 2, guidance=False).mode is Mode.SERIAL
+    assert choose(20, 3.0, [], COSTS, 1).devices == (0,)
 
 
 def test_a_busy_pair_gets_serial_on_the_device_that_finishes_it_first_when_that_meets_the_deadline():
-    # Device 0 runs a request with 15 steps left, device 1 one with 2 steps left: device 1 is better.
-    choice = choose(20, deadline_s=3.0, remaining_steps=[[15], [2]], costs=COSTS)
+    # Device 0 runs a request with 15 steps left, device 1 one with 2 steps left: device 1 is better,
+    # although both run one request (the count rule would take device 0).
+    choice = choose(20, deadline_s=3.0, running=[serial(0, 15), serial(1, 2)], costs=COSTS, num_devices=2)
     assert choice.mode is Mode.SERIAL and choice.devices == (1,)
     assert choice.predicted_s == pytest.approx(2.0 + (2 / 1.5 - 1) * 0.2)
 
 
 def test_both_devices_when_serial_would_miss_and_splitting_would_not():
     # Each device has a short neighbour; serial (about 2.07 s) misses a 1.5 s deadline, splitting makes it.
-    choice = choose(20, deadline_s=1.5, remaining_steps=[[2], [2]], costs=COSTS)
+    choice = choose(20, deadline_s=1.5, running=[serial(0, 2), serial(1, 2)], costs=COSTS, num_devices=2)
     assert choice.mode is Mode.CFG_PARALLEL and choice.devices == (0, 1)
     assert choice.predicted_s <= 1.5
 
 
 def test_nothing_meets_the_deadline_takes_the_fastest():
-    choice = choose(20, deadline_s=0.5, remaining_steps=[[30, 30], [30]], costs=COSTS)
+    choice = choose(20, deadline_s=0.5, running=[serial(0, 30), serial(0, 30), serial(1, 30)], costs=COSTS,
+                    num_devices=2)
     assert choice.predicted_s == min(
         overlap_latency(2.0, [3.0], COSTS),
         max(overlap_latency(1.25, [3.0, 3.0], COSTS), overlap_latency(1.25, [3.0], COSTS)),
@@ -44,12 +78,25 @@ def test_nothing_meets_the_deadline_takes_the_fastest():
 
 
 def test_without_a_deadline_a_busy_server_runs_serial_on_the_least_busy_device():
-    choice = choose(20, None, [[10, 10], [5]], COSTS)
+    choice = choose(20, None, [serial(0, 10), serial(0, 10), serial(1, 5)], COSTS, 2)
     assert choice.mode is Mode.SERIAL and choice.devices == (1,)
 
 
-def test_ties_go_to_the_lower_device():
-    assert choose(20, 5.0, [[4], [4]], COSTS).devices == (0,)
+def test_ties_go_to_the_lower_device_and_down_devices_are_never_chosen():
+    assert choose(20, 5.0, [serial(0, 4), serial(1, 4)], COSTS, 2).devices == (0,)
+    assert choose(20, 5.0, [], COSTS, 2, up=[False, True]).devices == (1,)
+    with pytest.raises(NoDeviceLeft):
+        choose(20, 5.0, [], COSTS, 2, up=[False, False])
+
+
+def test_a_split_run_that_would_give_a_device_back_is_not_counted_against_the_newcomer():
+    # The split run has 16 steps left (1.0 s at two-device speed); a newcomer with a 2.2 s deadline would
+    # miss it sharing (2.33 s) and meet it alone: the run yields, so the newcomer goes serial, predicted alone.
+    choice = choose(20, 2.2, [split(16)], COSTS, 2)
+    assert choice.mode is Mode.SERIAL and choice.predicted_s == pytest.approx(2.0)
+    # An explicit hybrid (cannot yield) is counted: serial beside it would miss, so both devices, shared.
+    pinned = choose(20, 2.2, [split(16, may_yield=False)], COSTS, 2)
+    assert pinned.mode is Mode.CFG_PARALLEL and 2.0 > pinned.predicted_s
 
 
 def test_overlap_counts_only_the_time_both_run():
@@ -60,7 +107,85 @@ def test_overlap_counts_only_the_time_both_run():
 
 def test_a_split_run_gives_a_device_back_only_when_that_saves_the_newcomers_deadline():
     # Newcomer: 20 steps (2.0 s alone). The split run has 16 steps left (1.0 s at its two-device speed).
-    assert give_back(16, 20, newcomer_deadline_s=2.2, costs=COSTS)  # shared: 2.33 s > 2.2 >= 2.0
-    assert not give_back(16, 20, newcomer_deadline_s=3.0, costs=COSTS)  # meets it anyway
-    assert not give_back(16, 20, newcomer_deadline_s=1.5, costs=COSTS)  # misses it anyway
-    assert not give_back(1, 20, newcomer_deadline_s=2.05, costs=COSTS)  # almost done: a 0.02 s delay
+    assert give_back(1.0, 2.0, newcomer_deadline_s=2.2, costs=COSTS)  # shared: 2.33 s > 2.2 >= 2.0
+    assert not give_back(1.0, 2.0, newcomer_deadline_s=3.0, costs=COSTS)  # meets it anyway
+    assert not give_back(1.0, 2.0, newcomer_deadline_s=1.5, costs=COSTS)  # misses it anyway
+    assert not give_back(COSTS.seconds(1, 2), 2.0, newcomer_deadline_s=2.05, costs=COSTS)  # almost done
+    assert give_back(1.0, 2.0, newcomer_deadline_s=None, costs=COSTS)  # no deadline: give way, as before
+
+
+# --- costs learned online ----------------------------------------------------------------------------
+
+
+def test_costs_are_learned_from_steps_as_moving_averages():
+    estimate: dict[str, float] = {}
+    assert costs_from(estimate) is None  # nothing measured: no numbers, the count rule applies
+    learn(estimate, StepSample("split", 1, wall_s=0.5, compute_s=0.4))
+    assert costs_from(estimate) is None  # a split step alone says nothing of a serial one
+    learn(estimate, StepSample("serial", 1, wall_s=1.0, compute_s=0.8))
+    learn(estimate, StepSample("serial", 1, wall_s=2.0, compute_s=0.8), alpha=0.5)
+    learn(estimate, StepSample("serial", 2, wall_s=9.0, compute_s=1.2))  # shared by two: the batching gain
+    learn(estimate, StepSample("serial", 3, wall_s=9.0, compute_s=9.0))  # three: not learned
+    learn(estimate, StepSample("pipeline", 1, wall_s=9.0, compute_s=9.0))
+    costs = costs_from(estimate)
+    assert costs.step_s == pytest.approx(1.5)
+    assert costs.parallel_speedup == 2.0  # 1.5 / 0.5, kept in [1, 2]
+    assert costs.batch_gain == pytest.approx(2 * 0.8 / 1.2)
+
+
+def test_learned_ratios_are_kept_in_their_range():
+    costs = costs_from({"serial": 1.0, "split": 2.0, "serial_compute": 1.0, "pair_compute": 0.5})
+    assert costs.parallel_speedup == 1.0 and costs.batch_gain == 2.0
+
+
+def test_board_jobs_become_seconds_left_at_their_own_size_and_speed():
+    estimates = {"sdxl:64x64": {"serial": 0.1}, "sdxl:128x128": {"serial": 0.4, "split": 0.25}}
+    jobs = {
+        "a": {"devices": [0], "steps_left": 10, "cost_key": "sdxl:64x64", "deadline": 105.0},
+        "b": {"devices": [0, 1], "steps_left": 4, "cost_key": "sdxl:128x128", "deadline": None, "may_yield": True},
+    }
+    running = running_from(jobs, estimates, now=100.0)
+    assert running["a"] == Running((0,), pytest.approx(1.0), pytest.approx(5.0), False)
+    assert running["b"].remaining_s == pytest.approx(4 * 0.25) and running["b"].may_yield
+    assert running_from({**jobs, "c": {"devices": [1], "steps_left": 3, "cost_key": "sd3:64x64"}}, estimates,
+                        100.0) is None  # a size never measured: no numbers
+
+
+def snapshot(jobs: dict, loads: list[int], estimates: dict | None = None) -> Snapshot:
+    return Snapshot(loads, [True] * len(loads), jobs, estimates or {"k": {"serial": 0.1}}, now=0.0)
+
+
+def test_place_uses_the_deadline_policy_only_for_auto_with_numbers():
+    jobs = {"a": {"devices": [0], "steps_left": 15, "cost_key": "k"}, "b": {"devices": [1], "steps_left": 2,
+                                                                           "cost_key": "k"}}
+    view = view_of(snapshot(jobs, [1, 1]), None, "k")
+    decided = place(Mode.AUTO, True, 20, 3.0, view.costs, view.others, view.loads)
+    assert decided.rule == "deadline" and decided.placement.devices == (1,)
+    # The count rule: no estimate for this size, or an explicit mode.
+    unknown = view_of(snapshot(jobs, [1, 1]), None, "other")
+    assert place(Mode.AUTO, True, 20, 3.0, unknown.costs, unknown.others, unknown.loads).placement.devices == (0,)
+    assert place(Mode.SERIAL, True, 20, 3.0, view.costs, view.others, view.loads).rule == "count"
+    tight = place(Mode.AUTO, True, 20, 1.5, COSTS, [serial(0, 2), serial(1, 2)], [1, 1])
+    assert tight.placement.mode is Mode.CFG_PARALLEL and tight.placement.devices == (0, 1)
+
+
+def hybrid_run() -> GuidanceSchedule:
+    return GuidanceSchedule(Mode.HYBRID, 20, KNOBS, guidance=True, mode_requested=Mode.AUTO)
+
+
+def test_a_split_run_yields_for_a_sharing_newcomer_only_when_its_deadline_needs_it():
+    me = split(16)
+    needs = BoardView([2, 1], me, [serial(0, 20, deadline_s=2.2)], COSTS)
+    assert yield_device(hybrid_run(), 4, needs) == 1  # finish alone on the device the newcomer is not on
+    relaxed = BoardView([2, 1], me, [serial(0, 20, deadline_s=3.0)], COSTS)
+    assert yield_device(hybrid_run(), 4, relaxed) is None  # the newcomer meets its deadline anyway
+    no_deadline = BoardView([1, 2], me, [serial(1, 20)], COSTS)
+    assert yield_device(hybrid_run(), 4, no_deadline) == 0  # as the count rule: give way
+    alone = BoardView([1, 1], me, [], COSTS)
+    assert yield_device(hybrid_run(), 4, alone) is None
+
+
+def test_without_numbers_the_yield_follows_the_count_rule():
+    assert yield_device(hybrid_run(), 4, BoardView([2, 1], None, None, None)) == 1
+    explicit = GuidanceSchedule(Mode.HYBRID, 20, KNOBS, guidance=True)
+    assert yield_device(explicit, 4, BoardView([2, 1], split(16), [serial(0, 20, 2.2)], COSTS)) is None

@@ -10,6 +10,7 @@ import logging
 
 import pytest
 
+from hybridiff.deadline import BoardView, Costs, Running
 from hybridiff.inflight import DOWN_RETRY_SECONDS, InFlightBoard
 from hybridiff.local import LocalPipeline
 from hybridiff.loop import DenoiseTask, DeviceUnavailable, ImageRequest, InProcessTransport, RunHooks, denoise_image
@@ -197,6 +198,35 @@ def test_an_error_that_is_not_a_device_failure_is_not_failed_over(local):
         run(local, dataclasses.replace(request(Mode.SERIAL), steps=2), Broken(local.denoisers))
 
 
+class BoardViewHooks(RunHooks):
+    """A board whose view gets a newcomer (2 s of work, 2.2 s to its deadline) on device 0 after step 1."""
+
+    def __init__(self) -> None:
+        self.progress, self.occupied = [], []
+
+    def board_view(self) -> BoardView:
+        others = [Running((0,), 2.0, 2.2)] if len(self.progress) >= 2 else []
+        return BoardView([1 + len(others), 1], Running((0, 1), 1.0, None, True), others, Costs(step_s=0.1))
+
+    def advanced(self, steps_left, may_yield, sample) -> None:
+        self.progress.append((steps_left, may_yield, sample))
+
+    def occupy(self, devices) -> None:
+        self.occupied.append(tuple(devices))
+
+
+def test_the_loop_reports_steps_left_and_costs_and_yields_when_a_deadline_needs_it(local, serial_image):
+    hooks = BoardViewHooks()
+    placed_by_auto = dataclasses.replace(request(Mode.HYBRID), mode_requested=Mode.AUTO)
+    image, report = run(local, placed_by_auto, InProcessTransport(local.denoisers), hooks)
+    assert report.schedule["serial_from_step"] == 2 and hooks.occupied == [(1,)]  # gave device 0 to the newcomer
+    assert [left for left, _, _ in hooks.progress] == list(range(11, -1, -1))
+    assert [may for _, may, _ in hooks.progress] == [True, True] + [False] * 10
+    assert [sample.kind for _, _, sample in hooks.progress] == ["split"] * 2 + ["serial"] * 10
+    assert all(sample.batched == 1 and sample.wall_s >= sample.compute_s > 0 for _, _, sample in hooks.progress)
+    assert max_pixel_diff(image, serial_image) <= 1
+
+
 # --- the board ------------------------------------------------------------------------------
 
 
@@ -214,9 +244,9 @@ def test_a_down_device_is_avoided_then_probed_by_one_request_then_cleared(tmp_pa
     assert board.mark_down(1) == [True, False]
     seen = []
 
-    def choose(loads, up):
-        seen.append(up)
-        placement = place_request(Mode.AUTO, loads, True, up)
+    def choose(snapshot):
+        seen.append(snapshot.up)
+        placement = place_request(Mode.AUTO, snapshot.loads, True, snapshot.up)
         return placement, placement.devices
 
     with board.occupy(choose) as placed:
@@ -247,10 +277,10 @@ def test_a_corrupt_board_is_reset_with_a_log_line(tmp_path, caplog, content):
     board = InFlightBoard(path, 2)
     assert board.loads() == [0, 0] and board.up() == [True, True]
     with caplog.at_level(logging.WARNING, logger="hybridiff.inflight"):
-        with board.occupy(lambda loads, up: (None, (1,))):
+        with board.occupy(lambda seen: (None, (1,))):
             assert board.loads() == [0, 1]
     assert "unreadable" in caplog.text and "reset" in caplog.text
-    assert json.loads(path.read_text()) == {"entries": {}, "down": {}}
+    assert json.loads(path.read_text()) == {"entries": {}, "down": {}, "costs": {}}
 
 
 # --- Triton errors --------------------------------------------------------------------------
@@ -280,7 +310,7 @@ def test_a_run_stopped_by_an_error_releases_its_devices(tmp_path):
     """A cancelled or timed-out run raises out of the loop: its devices must not stay busy on the board."""
     board = InFlightBoard(tmp_path / "board.json", 2)
     with pytest.raises(RuntimeError, match="cancelled"):
-        with board.occupy(lambda loads, up: (None, (0, 1))):
+        with board.occupy(lambda seen: (None, (0, 1))):
             assert board.loads() == [1, 1]
             raise RuntimeError("cancelled")
     assert board.loads() == [0, 0]

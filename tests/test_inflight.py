@@ -41,10 +41,10 @@ def test_explicit_modes_are_kept_and_spread(mode):
 def test_board_counts_and_releases(tmp_path):
     board = InFlightBoard(tmp_path / "board.json", 2)
     assert board.loads() == [0, 0]
-    with board.occupy(lambda loads, up: (place_request(Mode.AUTO, loads, True), (0, 1))) as first:
+    with board.occupy(lambda seen: (place_request(Mode.AUTO, seen.loads, True), (0, 1))) as first:
         assert first.decision.mode is Mode.HYBRID
         assert board.loads() == [1, 1]
-        with board.occupy(lambda loads, up: ("second", (place_request(Mode.AUTO, loads, True).device,))) as second:
+        with board.occupy(lambda seen: ("second", (place_request(Mode.AUTO, seen.loads, True).device,))) as second:
             assert second.decision == "second"
             assert board.loads() == [2, 1]
             first.update((1,))
@@ -55,7 +55,7 @@ def test_board_counts_and_releases(tmp_path):
 
 def _hold(path: str, ready, release) -> None:
     board = InFlightBoard(path, 2)
-    with board.occupy(lambda loads, up: (None, (1,))):
+    with board.occupy(lambda seen: (None, (1,))):
         ready.set()
         release.wait(10)
 
@@ -78,7 +78,7 @@ def test_reading_the_loads_does_not_write_the_board(tmp_path):
     """An auto run reads the board before every step: a read must not rewrite the file (a write on a
     disk-backed /tmp can wait for the journal, tens of ms in the server)."""
     board = InFlightBoard(tmp_path / "board.json", 2)
-    with board.occupy(lambda loads, up: (None, (0,))):
+    with board.occupy(lambda seen: (None, (0,))):
         before = (board.path.read_text(), board.path.stat().st_mtime_ns)
         for _ in range(3):
             assert board.loads() == [1, 0]
@@ -114,3 +114,47 @@ def test_boards_of_servers_that_stopped_are_removed_and_live_ones_kept(tmp_path)
         path.write_text("{}")
     assert remove_dead_boards(tmp_path) == [dead]
     assert not dead.exists() and live.exists() and all(p.exists() for p in other)
+
+
+# --- what auto weighs: jobs and learned costs -----------------------------------------------------------
+
+
+def test_a_job_is_recorded_with_its_devices_and_advances_with_its_steps(tmp_path):
+    from hybridiff.deadline import StepSample, costs_from, view_of
+    from hybridiff.inflight import Job
+
+    clock = lambda: 100.0  # noqa: E731
+    board = InFlightBoard(tmp_path / "board.json", 2, clock=clock)
+    job = Job(steps_left=20, cost_key="sdxl:64x64", deadline=clock() + 3.0)
+
+    def choose(snapshot):
+        job.may_yield = True  # what the decision says is recorded with the job
+        return "split", (0, 1)
+
+    with board.occupy(choose, job) as placed:
+        entry = board.snapshot().jobs[placed.key]
+        assert (entry["devices"], entry["steps_left"], entry["deadline"], entry["may_yield"]) == ([0, 1], 20, 103.0,
+                                                                                                 True)
+        assert view_of(board.snapshot(), placed.key, "sdxl:64x64").me is None  # no cost learned yet
+        placed.progress(19, True, StepSample("split", 1, wall_s=0.3, compute_s=0.2))
+        placed.progress(18, True, StepSample("serial", 1, wall_s=0.5, compute_s=0.4))
+        placed.update((1,))
+        placed.progress(17, False, StepSample("serial", 1, wall_s=0.7, compute_s=0.4))
+        seen = board.snapshot()
+        assert seen.jobs[placed.key]["steps_left"] == 17 and not seen.jobs[placed.key]["may_yield"]
+        assert seen.loads == [0, 1]
+        assert costs_from(seen.costs["sdxl:64x64"]).step_s == pytest.approx(0.8 * 0.5 + 0.2 * 0.7)
+        view = view_of(seen, placed.key, "sdxl:64x64")
+        assert view.me.devices == (1,) and view.me.remaining_s == pytest.approx(17 * 0.54)
+        assert view.me.deadline_s == pytest.approx(3.0) and view.others == []
+    # The costs outlive the request: the next request of that size is placed by them.
+    assert board.snapshot().jobs == {} and "sdxl:64x64" in board.snapshot().costs
+
+
+def test_a_board_without_costs_is_read_and_a_broken_cost_table_resets(tmp_path):
+    path = tmp_path / "board.json"
+    path.write_text('{"entries": {}, "down": {}}')  # written before costs existed
+    board = InFlightBoard(path, 2)
+    assert board.snapshot().costs == {} and board.loads() == [0, 0]
+    path.write_text('{"entries": {}, "down": {}, "costs": {"k": 3}}')
+    assert board.snapshot().costs == {}

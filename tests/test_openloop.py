@@ -15,6 +15,9 @@ from loadtest.openloop_levels import (
     level_row,
     met_slo,
     offered_requests,
+    outcome_status,
+    slo_passes,
+    slo_timeouts,
 )
 
 
@@ -105,3 +108,46 @@ def test_outputs_have_a_row_per_level_and_a_panel_per_process_and_scale(tmp_path
     assert table[0] == "header" and len([line for line in table if line.startswith("| poisson")]) == 8
     assert (tmp_path / "openloop.csv").read_text().count("\n") == len(rows) + 1
     assert (tmp_path / "openloop.png").stat().st_size > 0
+
+
+def test_a_full_server_an_expired_slo_and_an_error_are_told_apart():
+    assert outcome_status("StatusCode.UNAVAILABLE", "in ensemble 'sdxl', Exceeds maximum queue size") == "refused"
+    assert outcome_status("StatusCode.UNAVAILABLE", "server full: every device already runs 2") == "refused"
+    assert outcome_status("StatusCode.UNAVAILABLE", "in ensemble 'sdxl', Request timeout expired") == "expired"
+    assert outcome_status("StatusCode.UNAVAILABLE", "deadline exceeded: the request's timeout of 2 s") == "expired"
+    assert outcome_status("StatusCode.INTERNAL", "Request timeout expired") == "error"
+    expired = [Outcome(0, "a", 0.0, 1.1, "expired"), Outcome(1, "a", 0.1, 0.5, "ok")]
+    row = level_row("auto", 1.0, "poisson", 1.0, [(expired, 2.0)], {"a": 1.0})
+    assert row["expired"] == 1 and row["refused"] == 0 and row["attainment"] == 0.5
+
+
+def test_each_slo_scale_is_its_own_pass_when_sent_as_the_timeout():
+    assert slo_passes([1.0, 1.5, 2.0], slo_timeout=True) == [(1.0, [1.0]), (1.5, [1.5]), (2.0, [2.0])]
+    assert slo_passes([1.0, 2.0], slo_timeout=False) == [(None, [1.0, 2.0])]
+    assert slo_timeouts({"a": 2.0, "b": 3.0}, 1.5) == {"a": 3.0, "b": 4.5}
+    assert slo_timeouts({"a": 2.0}, None) is None
+
+
+def test_a_request_carries_its_slo_as_its_triton_timeout():
+    """What ``auto`` plans with reaches the server: the gRPC request's timeout, in microseconds."""
+    import asyncio
+
+    from tritonclient.utils import InferenceServerException
+
+    from loadtest.openloop import send
+
+    class Client:
+        def __init__(self) -> None:
+            self.kwargs: list[dict] = []
+
+        async def infer(self, model, inputs, **kwargs):
+            self.kwargs.append(kwargs)
+            raise InferenceServerException("Request timeout expired", status="StatusCode.UNAVAILABLE")
+
+    client = Client()
+    offered = Offered(0, 0.0, 0, 64)
+    outcome = asyncio.run(send(client, offered, "auto", 4, 0.0, timeout_s=30.0, slo_s=2.5))
+    assert client.kwargs[0]["timeout"] == 2_500_000 and client.kwargs[0]["client_timeout"] == 30.0
+    assert outcome.status == "expired"
+    asyncio.run(send(client, offered, "auto", 4, 0.0, timeout_s=30.0))
+    assert client.kwargs[1]["timeout"] is None

@@ -4,6 +4,7 @@ bad input. One server for the module (it takes a few seconds to load every model
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -207,12 +208,57 @@ def test_auto_under_load_runs_serial_on_the_least_busy_device_with_the_solo_imag
     assert first[0]["mode_run"] == "serial" and first[0]["serial_from_step"] is not None, first
     assert first[0]["phases"][0] == "partition" and len(first[0]["devices"]) == 1
     for result, schedule in zip(results, schedules, strict=True):
-        assert schedule["mode_run"] == "serial"
+        assert schedule["mode_run"] == "serial" and schedule["deadline_left_s"] is None  # no timeout sent
         if schedule is not first[0]:
             assert max(schedule["loads_seen"]) > 0 and schedule["serial_from_step"] is None
-            assert schedule["devices"] == [min(range(2), key=lambda d: (schedule["loads_seen"][d], d))]
+            if schedule["placed_by"] == "count":  # else by remaining work: test_auto_places_by_remaining_work
+                assert schedule["devices"] == [min(range(2), key=lambda d: (schedule["loads_seen"][d], d))]
         solo = call(server, "http", **long, seed=schedule["seed"], mode=schedule["mode_run"]).images[0]
         assert max_pixel_diff(result.images[0], solo) <= 1
+
+
+def _board(server):
+    """The server's in-flight board, as its orchestrators see it (named after the tritonserver's pid)."""
+    from hybridiff.inflight import InFlightBoard, default_board_path
+
+    return InFlightBoard(default_board_path().parent / f"hybridiff-load-{server.process.pid}.json", 2)
+
+
+def _wait_for_jobs(board, count: int, timeout_s: float = 60.0) -> None:
+    end = time.monotonic() + timeout_s
+    while len(board.snapshot().jobs) < count:
+        assert time.monotonic() < end, f"the board never held {count} requests: {board.snapshot()}"
+        time.sleep(0.01)
+
+
+def test_auto_places_by_remaining_work_and_carries_its_timeout_as_deadline(server):
+    """Both devices run one request each, so the count rule would take device 0; device 0's request has
+    far more work left (a larger image), and auto, with the board's learned step costs, takes device 1."""
+    from client.generate import start_generate
+
+    for size in (64, 256):  # a serial step of each size measured: the board knows their costs
+        call(server, "http", mode="serial", steps=2, height=size, width=size)
+    board = _board(server)
+    client = make_client("grpc", server.grpc_url)
+    big = {**BASE, "mode": "serial", "steps": 64, "seed": 51, "height": 256, "width": 256}
+    try:
+        long = start_generate(client, "sdxl", [PROMPT], **big)
+        _wait_for_jobs(board, 1)
+        short = start_generate(client, "sdxl", [PROMPT], **{**BASE, "mode": "serial", "steps": 48, "seed": 52})
+        _wait_for_jobs(board, 2)
+        auto = start_generate(client, "sdxl", [PROMPT], timeout_s=120.0, **{**BASE, "steps": 40, "seed": 53})
+        results = [pending.result(300) for pending in (long, short, auto)]
+    finally:
+        client.close()
+    placed = [r.schedules[0] for r in results]
+    assert [placed[0]["devices"], placed[1]["devices"]] == [[0], [1]], placed
+    schedule = placed[2]
+    assert schedule["loads_seen"] == [1, 1], schedule  # a tie by counts ...
+    assert schedule["placed_by"] == "deadline" and schedule["devices"] == [1], schedule  # ... not by work left
+    assert schedule["mode_run"] == "serial" and 0 < schedule["deadline_left_s"] <= 120.0
+    assert schedule["predicted_s"] > 0
+    solo = call(server, "http", **{**BASE, "steps": 40, "seed": 53, "mode": "serial"}).images[0]
+    assert max_pixel_diff(results[2].images[0], solo) <= 1
 
 
 def test_concurrent_serial_requests_spread_over_the_devices(server):

@@ -1,4 +1,4 @@
-"""A deadline-aware choice for ``auto``: which mode a request runs, from the work already on the devices.
+"""The deadline-aware choice for ``auto``: which mode a request runs, from the work already on the devices.
 
 ``place_request`` (schedule.py) looks only at how many requests each device runs. This policy also
 weighs how much work they have left and the newcomer's deadline: a device shared by requests is
@@ -7,31 +7,119 @@ shared step cheaper than two), so a request's predicted latency is its own work 
 every neighbour's remaining work that overlaps it. Two idle devices are split (the capacity that
 splitting wastes would idle anyway); otherwise it takes the least device time that meets the
 deadline (serial), both devices only when serial would miss and splitting would not, and the
-fastest placement when nothing meets it. A run that may still yield gives a device back when a
-newcomer would otherwise miss its deadline (:func:`give_back`).
-Plain Python, unit-tested on given loads (tests/test_deadline.py); not yet wired into the
-orchestrator, whose load board records only request counts per device.
+fastest placement when nothing meets it. A split ``auto`` run that may still yield gives a device
+back when a request sharing one of its devices would otherwise miss its deadline (:func:`give_back`);
+the newcomer's choice counts on that, with the same predicate.
+
+The numbers come from the in-flight board (``inflight.py``): each running request's devices, steps
+left, deadline and cost key, and per cost key (family and image size) the seconds per step learned
+online (:func:`learn`). Without them (no estimate yet for a request's size) ``auto`` falls back to
+the count rule of ``place_request``. Plain Python, unit-tested on given loads (tests/test_deadline.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .schedule import Mode
+from .schedule import GuidanceSchedule, Mode, NoDeviceLeft, Placement, may_yield, place_request
+from .schedule import yield_device as yield_device_by_count
+
+# Weight of the newest sample in the step-cost averages: a few steps follow a change of load or clocks.
+EWMA_ALPHA = 0.2
+DEFAULT_PARALLEL_SPEEDUP = 1.6
+DEFAULT_BATCH_GAIN = 1.5
 
 
 @dataclass(frozen=True)
 class Costs:
-    """What denoising costs on this deployment (to be measured, e.g. with ``make bench``)."""
+    """What denoising costs on this deployment, for one image size (learned: :func:`costs_from`)."""
 
     step_s: float  # one serial step of this request's size, on an idle device
-    parallel_speedup: float = 1.6  # a two-device step (cfg_parallel / hybrid) vs a serial step, in [1, 2]
-    batch_gain: float = 1.5  # two requests sharing a device vs the same two run back to back, in [1, 2]
+    parallel_speedup: float = DEFAULT_PARALLEL_SPEEDUP  # a two-device step vs a serial step, in [1, 2]
+    batch_gain: float = DEFAULT_BATCH_GAIN  # two requests sharing a device vs the two back to back, in [1, 2]
 
     @property
     def overlap_cost(self) -> float:
         """Extra seconds per second of overlap with one neighbour on the same device."""
         return 2.0 / self.batch_gain - 1.0
+
+    def seconds(self, steps: int, devices: int) -> float:
+        """Solo seconds of ``steps`` steps on one device, or split over two."""
+        return steps * self.step_s / (self.parallel_speedup if devices >= 2 else 1.0)
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """One measured step, as the loop saw it: what the board learns costs from."""
+
+    kind: str  # "serial" (one device) or "split" (condition partitioning over two); others are not learned
+    batched: int  # the most requests one device pass of the step served (1: alone)
+    wall_s: float  # the step's wall time in the loop (compute, transfers, scheduler)
+    compute_s: float  # the longest device compute of the step
+
+
+def learn(estimate: dict[str, float], sample: StepSample, alpha: float = EWMA_ALPHA) -> None:
+    """Fold one step into a cost key's averages (in place).
+
+    ``serial`` and ``split``: wall seconds of steps that ran alone (what a request's latency is made
+    of); ``serial_compute`` and ``pair_compute``: device seconds of a serial pass alone and shared by
+    two requests, whose ratio is the batching gain. Steps shared by more than two are not learned.
+    """
+
+    def fold(name: str, value: float) -> None:
+        old = estimate.get(name)
+        estimate[name] = value if old is None else (1 - alpha) * old + alpha * value
+
+    if sample.kind == "serial" and sample.batched <= 1:
+        fold("serial", sample.wall_s)
+        fold("serial_compute", sample.compute_s)
+    elif sample.kind == "serial" and sample.batched == 2:
+        fold("pair_compute", sample.compute_s)
+    elif sample.kind == "split" and sample.batched <= 1:
+        fold("split", sample.wall_s)
+
+
+def costs_from(estimate: Mapping[str, float] | None) -> Costs | None:
+    """The costs a key's averages give, or None before a serial step of that key was measured."""
+    if not estimate or not estimate.get("serial"):
+        return None
+    serial = estimate["serial"]
+    speedup = serial / estimate["split"] if estimate.get("split") else DEFAULT_PARALLEL_SPEEDUP
+    gain = DEFAULT_BATCH_GAIN
+    if estimate.get("pair_compute") and estimate.get("serial_compute"):
+        gain = 2.0 * estimate["serial_compute"] / estimate["pair_compute"]
+    return Costs(serial, min(max(speedup, 1.0), 2.0), min(max(gain, 1.0), 2.0))
+
+
+@dataclass(frozen=True)
+class Running:
+    """A request on the board as the policy sees it."""
+
+    devices: tuple[int, ...]
+    remaining_s: float  # solo seconds of work left at its placement's speed
+    deadline_s: float | None = None  # seconds until its deadline; None: none
+    may_yield: bool = False  # a split auto run that can still finish on one device
+
+
+def running_from(
+    jobs: Mapping[str, Mapping], estimates: Mapping[str, Mapping[str, float]], now: float
+) -> dict[str, Running] | None:
+    """The board's jobs (key -> devices, steps_left, deadline, cost_key, may_yield) as :class:`Running`,
+    or None when a job's size has no cost estimate yet (the policy then has no numbers to weigh)."""
+    running = {}
+    for key, job in jobs.items():
+        costs = costs_from(estimates.get(job.get("cost_key", "")))
+        if costs is None or "steps_left" not in job:
+            return None
+        deadline = job.get("deadline")
+        running[key] = Running(
+            tuple(job["devices"]),
+            costs.seconds(int(job["steps_left"]), len(set(job["devices"]))),
+            None if deadline is None else deadline - now,
+            bool(job.get("may_yield", False)),
+        )
+    return running
 
 
 @dataclass(frozen=True)
@@ -47,34 +135,66 @@ def overlap_latency(own_s: float, neighbours_s: list[float], costs: Costs) -> fl
     return own_s + costs.overlap_cost * sum(min(n, own_s) for n in neighbours_s)
 
 
+def give_back(pair_remaining_s: float, newcomer_s: float, newcomer_deadline_s: float | None, costs: Costs) -> bool:
+    """Whether a two-device run that may still yield should finish on one device for a newcomer.
+
+    True when the newcomer (``newcomer_s`` seconds of solo work), sharing a device with the two-device
+    run (``pair_remaining_s`` seconds left at its two-device speed), would miss its deadline and would
+    meet it on the device the run gives back. A newcomer without a deadline is given way to, as the
+    count rule does. The run itself then goes on serially.
+    """
+    if newcomer_deadline_s is None:
+        return True
+    shared = overlap_latency(newcomer_s, [pair_remaining_s], costs)
+    return shared > newcomer_deadline_s >= newcomer_s
+
+
+def _yields_to(run: Running, newcomer_s: float, deadline_s: float | None, costs: Costs) -> bool:
+    return run.may_yield and len(set(run.devices)) == 2 and give_back(run.remaining_s, newcomer_s, deadline_s, costs)
+
+
 def choose(
     steps: int,
     deadline_s: float | None,
-    remaining_steps: list[list[int]],
+    running: Sequence[Running],
     costs: Costs,
+    num_devices: int,
     guidance: bool = True,
+    up: Sequence[bool] | None = None,
 ) -> Choice:
     """The mode for a new ``auto`` request of ``steps`` steps with ``deadline_s`` seconds to finish.
 
-    ``remaining_steps[d]``: the steps each request on device ``d`` has left (a two-device request is
-    listed on both). Both devices idle: ``hybrid`` (the capacity splitting wastes is idle anyway).
-    Otherwise serial on the device that finishes it first, if that meets the deadline; else both
-    least busy devices (``cfg_parallel``) if that does; else whichever is predicted fastest.
+    Both least busy devices idle: ``hybrid``. Otherwise serial on the device that finishes it first,
+    if that meets the deadline (a split auto run there that would give the device back, by
+    :func:`give_back`, is not counted); else both least busy devices (``cfg_parallel``) if that does;
+    else whichever is predicted fastest. Only devices that are ``up`` are chosen; ties go to less
+    work left, then to the lower index.
     """
+    candidates = [d for d in range(num_devices) if up is None or up[d]]
+    if not candidates:
+        raise NoDeviceLeft(f"all {num_devices} devices are down")
     own_s = steps * costs.step_s
-    work = [[r * costs.step_s for r in device] for device in remaining_steps]
+
+    def neighbours(device: int, alone_here: bool) -> list[float]:
+        return [r.remaining_s for r in running
+                if device in r.devices and not (alone_here and _yields_to(r, own_s, deadline_s, costs))]
+
+    # Equal predictions (e.g. neighbours all longer than this request, or batching that looks free)
+    # go to the device with less work left, then the lower index.
     serial = min(
-        (Choice(Mode.SERIAL, (d,), overlap_latency(own_s, work[d], costs)) for d in range(len(work))),
-        key=lambda c: (c.predicted_s, c.devices),
+        (Choice(Mode.SERIAL, (d,), overlap_latency(own_s, neighbours(d, True), costs)) for d in candidates),
+        key=lambda c: (c.predicted_s, sum(neighbours(c.devices[0], True)), c.devices),
     )
-    if not guidance or len(work) < 2:
+    if not guidance or len(candidates) < 2:
         return serial
-    order = sorted(range(len(work)), key=lambda d: (sum(work[d]), d))
+    order = sorted(candidates, key=lambda d: (sum(neighbours(d, False)), d))
     pair = (min(order[:2]), max(order[:2]))
     split_s = own_s / costs.parallel_speedup
-    if not work[pair[0]] and not work[pair[1]]:
+    if not neighbours(pair[0], False) and not neighbours(pair[1], False):
         return Choice(Mode.HYBRID, pair, split_s)
-    parallel = Choice(Mode.CFG_PARALLEL, pair, max(overlap_latency(split_s, work[d], costs) for d in pair))
+    parallel = Choice(
+        Mode.CFG_PARALLEL, pair, max(overlap_latency(split_s, neighbours(d, False), costs) for d in pair)
+    )
     if deadline_s is None or serial.predicted_s <= deadline_s:
         return serial
     if parallel.predicted_s <= deadline_s:
@@ -82,14 +202,82 @@ def choose(
     return min((serial, parallel), key=lambda c: (c.predicted_s, len(c.devices)))
 
 
-def give_back(pair_remaining_steps: int, newcomer_steps: int, newcomer_deadline_s: float, costs: Costs) -> bool:
-    """Whether a two-device run that may still yield should finish on one device for a newcomer.
+@dataclass(frozen=True)
+class Decision:
+    """A placement and what it was decided by: ``rule`` "deadline" (with the prediction) or "count"."""
 
-    True when the newcomer, sharing a device with the two-device run, would miss its deadline, and
-    would meet it on the device the run gives back (the run's remaining work is counted at its
-    two-device speed). The run itself then goes on serially, as ``yield_device`` does today.
+    placement: Placement
+    rule: str
+    predicted_s: float | None = None
+
+
+def place(
+    mode: Mode,
+    guidance: bool,
+    steps: int,
+    deadline_s: float | None,
+    costs: Costs | None,
+    running: Sequence[Running] | None,
+    loads: list[int],
+    up: Sequence[bool] | None = None,
+) -> Decision:
+    """Where a request runs: ``auto`` by :func:`choose` when the board has the numbers (``costs`` for
+    the request's size, ``running`` for every job), every other case by ``place_request``'s count rule."""
+    counted = place_request(mode, loads, guidance, up)
+    if mode is not Mode.AUTO or costs is None or running is None:
+        return Decision(counted, "count")
+    choice = choose(steps, deadline_s, running, costs, len(loads), guidance, up)
+    if choice.mode is Mode.SERIAL:
+        placement = Placement(Mode.SERIAL, choice.devices[0], counted.pair, guidance)
+    else:
+        placement = Placement(choice.mode, choice.devices[0], (choice.devices[0], choice.devices[1]), guidance)
+    return Decision(placement, "deadline", choice.predicted_s)
+
+
+@dataclass(frozen=True)
+class BoardView:
+    """The board as one request sees it: counts, itself and the others, and its size's costs.
+
+    ``me``/``others`` are None when some job's size has no cost estimate yet (then the count rules apply).
     """
-    newcomer_s = newcomer_steps * costs.step_s
-    pair_s = pair_remaining_steps * costs.step_s / costs.parallel_speedup
-    shared = overlap_latency(newcomer_s, [pair_s], costs)
-    return shared > newcomer_deadline_s >= newcomer_s
+
+    loads: list[int]
+    me: Running | None
+    others: list[Running] | None
+    costs: Costs | None
+
+
+def view_of(snapshot, key: str | None, cost_key: str) -> BoardView:
+    """``snapshot`` (an ``inflight.Snapshot``: loads, jobs, costs, now) from the request ``key`` (None:
+    a newcomer not on the board yet) of cost key ``cost_key``."""
+    running = running_from(snapshot.jobs, snapshot.costs, snapshot.now)
+    costs = costs_from(snapshot.costs.get(cost_key))
+    if running is None:
+        return BoardView(list(snapshot.loads), None, None, costs)
+    others = [r for k, r in running.items() if k != key]
+    return BoardView(list(snapshot.loads), running.get(key) if key is not None else None, others, costs)
+
+
+def yield_device(schedule: GuidanceSchedule, step: int, view: BoardView) -> int | None:
+    """For a split ``auto`` run that may still yield: the device to finish on alone, or None to keep both.
+
+    With the board's numbers: yield when a request on exactly one of its devices would miss its
+    deadline unless given that device (:func:`give_back`; one without a deadline is given way to, as
+    before); continue on the pair's device fewer others share (less work, then the lower index on
+    ties). Without them: the count rule (``schedule.yield_device``).
+    """
+    if not may_yield(schedule, step):
+        return None
+    me, others, costs = view.me, view.others, view.costs
+    if me is None or others is None or costs is None:
+        return yield_device_by_count(schedule, step, view.loads)
+    pair = set(schedule.pair)
+    sharing = [o for o in others if len(pair & set(o.devices)) == 1]
+    if not any(give_back(me.remaining_s, o.remaining_s, o.deadline_s, costs) for o in sharing):
+        return None
+
+    def busy(device: int) -> tuple[int, float, int]:
+        on_it = [o for o in others if device in o.devices]
+        return len(on_it), sum(o.remaining_s for o in on_it), device
+
+    return min(schedule.pair, key=busy)

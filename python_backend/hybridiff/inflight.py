@@ -1,8 +1,12 @@
 """Requests in flight per device, and devices that are down, shared by every orchestrator process.
 
-Mechanism only: the policy that reads it is :func:`hybridiff.schedule.place_request` (and
-:func:`~hybridiff.schedule.failover_device`). Each orchestrator instance is its own process (and
-SDXL and SD3 share the same devices), so the state lives in a small JSON file under a lock.
+Mechanism only: the policies that read it are :func:`hybridiff.deadline.place` (and
+:func:`~hybridiff.schedule.failover_device`). Besides its devices, each request's entry holds what
+``auto`` weighs (:class:`Job`: steps left, deadline, cost key), and the board keeps per cost key the
+step costs learned from every request's steps (:func:`hybridiff.deadline.learn`); a request rewrites
+its entry once per step, folding that step's sample in with the same write. Each orchestrator
+instance is its own process (and SDXL and SD3 share the same devices), so the state lives in a
+small JSON file under a lock.
 Entries name their process, and entries of dead processes are dropped on read, so a crashed
 instance cannot leave a device looking busy. A device marked down counts as up again
 :data:`DOWN_RETRY_SECONDS` after its mark, for one request (the probe): a success clears the mark,
@@ -20,8 +24,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .deadline import StepSample, learn
 
 BOARD_PREFIX = "hybridiff-load-"  # then the server's pid
 # How long a device marked down is avoided before one request tries it again. Short against the
@@ -68,14 +74,42 @@ def _alive(pid: int) -> bool:
 
 
 @dataclass
+class Job:
+    """What the board records of a request besides its devices: what ``auto`` weighs.
+
+    Mutable on purpose: the ``choose`` of :meth:`InFlightBoard.occupy` may set ``may_yield`` from its
+    decision, and the board records the job as it is when ``choose`` returns.
+    """
+
+    steps_left: int
+    cost_key: str  # family and image size: requests with the same key cost the same per step
+    deadline: float | None = None  # board clock (time.time); None: no deadline
+    may_yield: bool = False  # a split auto run that may still finish on one device
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The board at one moment: counts and up devices, the jobs (key -> entry) and the learned costs."""
+
+    loads: list[int]
+    up: list[bool]
+    jobs: dict[str, dict]
+    costs: dict[str, dict[str, float]]
+    now: float
+
+
+@dataclass
 class _State:
-    """The board's content: requests in flight (key -> pid, devices) and down marks (device -> time)."""
+    """The board's content: requests in flight (key -> pid, devices, job), down marks (device -> time)
+    and learned step costs (cost key -> averages)."""
 
     entries: dict[str, dict] = field(default_factory=dict)
     down: dict[int, float] = field(default_factory=dict)
+    costs: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps({"entries": self.entries, "down": {str(d): t for d, t in self.down.items()}})
+        down = {str(d): t for d, t in self.down.items()}
+        return json.dumps({"entries": self.entries, "down": down, "costs": self.costs})
 
 
 def _parse(text: str) -> _State:
@@ -93,7 +127,10 @@ def _parse(text: str) -> _State:
             raise ValueError(f"entry {key!r} has no device list")
         entries[key] = entry
     down = {int(d): float(t) for d, t in data["down"].items()}
-    return _State(entries, down)
+    costs = data.get("costs", {})
+    if not isinstance(costs, dict) or not all(isinstance(v, dict) for v in costs.values()):
+        raise ValueError("costs is not a map of cost key -> averages")
+    return _State(entries, down, costs)
 
 
 class InFlightBoard:
@@ -138,6 +175,13 @@ class InFlightBoard:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def snapshot(self) -> Snapshot:
+        """Everything the board holds, read-only (an ``auto`` run may read it before every step)."""
+        return self._snapshot(self._shared())
+
+    def _snapshot(self, state: _State) -> Snapshot:
+        return Snapshot(self._count(state.entries), self._up(state.down), state.entries, state.costs, self.clock())
+
     def loads(self) -> list[int]:
         """Requests in flight on each device. Read-only: a dead process's entry is dropped by the next writer."""
         return self._count(self._shared().entries)
@@ -159,24 +203,25 @@ class InFlightBoard:
         return counts
 
     @contextmanager
-    def occupy(self, choose) -> Iterator[Occupancy]:
-        """Read the loads and which devices are up, let ``choose(loads, up)`` decide, and record what
-        it occupies, atomically.
+    def occupy(self, choose, job: Job | None = None) -> Iterator[Occupancy]:
+        """Read the board, let ``choose(snapshot)`` decide, and record what it occupies, atomically.
 
         ``choose`` returns ``(decision, devices)``; the devices count as busy until the block ends
-        (or :meth:`Occupancy.update` changes them). Deciding and recording under one lock keeps two
-        requests from both seeing a free device. A chosen device whose down mark has expired is this
-        request's to probe: its mark is renewed so that others keep off it meanwhile.
+        (or :meth:`Occupancy.update` changes them), and ``job`` is recorded with them. Deciding and
+        recording under one lock keeps two requests from both seeing a free device. A chosen device
+        whose down mark has expired is this request's to probe: its mark is renewed so that others
+        keep off it meanwhile.
         """
         key = f"{os.getpid()}-{uuid.uuid4().hex}"
         with self._locked() as state:
-            decision, devices = choose(self._count(state.entries), self._up(state.down))
+            decision, devices = choose(self._snapshot(state))
             probing = {d for d in devices if d in state.down}
             for device in probing:
                 state.down[device] = self.clock()
-            state.entries[key] = {"pid": os.getpid(), "devices": list(devices)}
+            entry = {"pid": os.getpid(), "devices": list(devices)}
+            state.entries[key] = {**entry, **(asdict(job) if job is not None else {})}
         try:
-            yield Occupancy(self, key, decision, probing)
+            yield Occupancy(self, key, decision, probing, job)
         finally:
             with self._locked() as state:
                 state.entries.pop(key, None)
@@ -185,6 +230,15 @@ class InFlightBoard:
         with self._locked() as state:
             if key in state.entries:
                 state.entries[key]["devices"] = list(devices)
+
+    def _progress(self, key: str, steps_left: int, may_yield: bool, sample: StepSample | None) -> None:
+        with self._locked() as state:
+            entry = state.entries.get(key)
+            if entry is None:
+                return
+            entry["steps_left"], entry["may_yield"] = steps_left, may_yield
+            if sample is not None and entry.get("cost_key"):
+                learn(state.costs.setdefault(entry["cost_key"], {}), sample)
 
     def mark_down(self, device: int) -> list[bool]:
         """Record that ``device`` failed; returns which devices are up now."""
@@ -199,15 +253,25 @@ class InFlightBoard:
 
 
 class Occupancy:
-    """One request's entry on the board: the decision it was placed by, its devices, and the devices
-    it probes (placed on although marked down, their mark having expired)."""
+    """One request's entry on the board: the decision it was placed by, its devices, the devices it
+    probes (placed on although marked down, their mark having expired) and its job (None: counts only)."""
 
-    def __init__(self, board: InFlightBoard, key: str, decision, probing: set[int] | None = None) -> None:
-        self.board, self.key, self.decision = board, key, decision
+    def __init__(
+        self, board: InFlightBoard, key: str, decision, probing: set[int] | None = None, job: Job | None = None
+    ) -> None:
+        self.board, self.key, self.decision, self.job = board, key, decision, job
         self.probing = set(probing or ())
 
     def loads(self) -> list[int]:
         return self.board.loads()
 
+    def snapshot(self) -> Snapshot:
+        return self.board.snapshot()
+
     def update(self, devices) -> None:
         self.board._update(self.key, devices)
+
+    def progress(self, steps_left: int, may_yield: bool, sample: StepSample | None = None) -> None:
+        """A step finished: record the steps left and whether the run may still yield, and learn the
+        step's cost, in one write."""
+        self.board._progress(self.key, steps_left, may_yield, sample)

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from . import deadline
 from .families.base import Conditioning, DenoiseOutput, Denoiser, Family, LatentMath
 from .schedule import (
     COND,
@@ -118,6 +119,13 @@ class RunHooks:
         """Requests in flight per device, or None when the run is not load-aware (no yield)."""
         return None
 
+    def board_view(self) -> deadline.BoardView | None:
+        """What the board says of this run and the others (None: use :meth:`loads`, the count rule)."""
+        return None
+
+    def advanced(self, steps_left: int, may_yield: bool, sample: deadline.StepSample | None) -> None:
+        """A step finished: ``steps_left`` remain, the run may still yield or not, and what the step cost."""
+
     def device_failed(self, device: int) -> list[bool] | None:
         """``device`` is gone: record that, and say which devices are up now (None: all of them)."""
         return None
@@ -140,7 +148,7 @@ class LoopReport:
     # Per step: wall time minus the longest device compute of that step, summed. What the loop,
     # the transport and the scheduler cost beyond the work itself.
     overhead_seconds: float = 0.0
-    placement_seconds: float = 0.0  # of which: the load-aware checks between steps (``hooks.loads``)
+    placement_seconds: float = 0.0  # the board's reads before and writes after steps (``hooks``)
     bytes_to_devices: int = 0
     bytes_from_devices: int = 0
     batched_steps: int = 0  # steps whose device pass was shared with other requests
@@ -205,13 +213,18 @@ async def denoise_image(
         step_started = time.perf_counter()
         hooks.check(step)
         if may_yield(schedule, step):
-            loads = hooks.loads()
-            device = None if loads is None else yield_device(schedule, step, loads)
+            view = hooks.board_view()
+            if view is not None:
+                device = deadline.yield_device(schedule, step, view)
+            else:
+                loads = hooks.loads()
+                device = None if loads is None else yield_device(schedule, step, loads)
             if device is not None:
                 schedule.continue_serially(step, device)
                 hooks.occupy(schedule.devices_in_use)
             report.placement_seconds += time.perf_counter() - step_started
         model_input = latent_math.scale_model_input(scheduler, latents, timestep)
+        failed_over = False
         while True:
             plan = schedule.plan(step)
             eps_devices = {a.device for a in plan.eps_assignments}
@@ -238,6 +251,7 @@ async def denoise_image(
             failures = [r for r in results if isinstance(r, DeviceUnavailable)]
             if not failures:
                 break
+            failed_over = True
             _fail_over(schedule, step, failures, lost, hooks, transport.num_devices)
         outputs: list[DenoiseOutput] = list(results)
         hooks.answered({a.device for a in plan.assignments})
@@ -268,10 +282,22 @@ async def denoise_image(
         report.overhead_seconds += max(step_seconds - longest_compute, 0.0)
         phase = plan.phase.value
         report.phase_seconds[phase] = report.phase_seconds.get(phase, 0.0) + step_seconds
+        kind = _COST_KINDS.get(plan.phase)
+        sample = None
+        if kind is not None and not failed_over:
+            batched = max(out.batched_requests for out in outputs)
+            sample = deadline.StepSample(kind, batched, step_seconds, longest_compute)
+        recorded = time.perf_counter()
+        hooks.advanced(request.steps - step - 1, may_yield(schedule, step + 1), sample)
+        report.placement_seconds += time.perf_counter() - recorded
 
     report.schedule = schedule.summary(phases_run)
     report.loop_seconds = time.perf_counter() - started
     return latents, report
+
+
+# The phases whose steps the board learns costs from (a pipeline step is neither a serial nor a split step).
+_COST_KINDS = {Phase.SERIAL: "serial", Phase.PARTITION: "split"}
 
 
 def _fail_over(

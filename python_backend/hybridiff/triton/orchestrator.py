@@ -20,12 +20,13 @@ import torch
 
 from .. import wire
 from ..admission import QueueLimits, admit
+from ..deadline import BoardView, StepSample, place, view_of
 from ..families import get_family
 from ..families.base import DenoiseOutput, Family
-from ..inflight import InFlightBoard, Occupancy, default_board_path, remove_dead_boards
+from ..inflight import InFlightBoard, Job, Occupancy, Snapshot, default_board_path, remove_dead_boards
 from ..loop import DenoiseTask, DeviceUnavailable, ImageRequest, RunHooks, denoise_image
 from ..params import InvalidParameter, parse_image_requests
-from ..schedule import COND, UNCOND, NoDeviceLeft, place_request
+from ..schedule import COND, UNCOND, Mode, NoDeviceLeft
 from ..serving_defaults import read_serving_defaults
 from ..validation import check_text_conditioning, model_limits
 from .common import error_response, from_triton, input_array, input_tensor, model_context, to_triton
@@ -156,6 +157,12 @@ class BoardHooks(RunHooks):
     def loads(self) -> list[int]:
         return self.occupancy.loads()
 
+    def board_view(self) -> BoardView:
+        return view_of(self.occupancy.snapshot(), self.occupancy.key, self.occupancy.job.cost_key)
+
+    def advanced(self, steps_left: int, may_yield: bool, sample: StepSample | None) -> None:
+        self.occupancy.progress(steps_left, may_yield, sample)
+
     def device_failed(self, device: int) -> list[bool]:
         self.log.log_warn(f"denoiser device {device} is gone; marked down, the run fails over")
         return self.occupancy.board.mark_down(device)
@@ -201,15 +208,27 @@ class TritonPythonModel:
     async def _denoise_placed(
         self, image_request: ImageRequest, branch_cond, request, deadline: float | None
     ) -> tuple[torch.Tensor, dict]:
-        """Place the request by the load on the devices that are up (the policy), then run the loop there."""
+        """Place the request by the board (the policy: ``deadline.place``), then run the loop there.
+
+        The request's deadline (its Triton timeout, counted from when this instance took it) and steps
+        go on the board with its devices, for the ``auto`` choices of later requests.
+        """
         guidance = image_request.guidance_scale > 1.0
+        cost_key = f"{self.family.name}:{image_request.height}x{image_request.width}"
+        seconds_left = None if deadline is None else deadline - time.monotonic()
+        job = Job(image_request.steps, cost_key, None if seconds_left is None else self.board.clock() + seconds_left)
 
-        def choose(loads: list[int], up: list[bool]):
-            placement = place_request(image_request.mode, loads, guidance, up)
-            return (placement, loads), placement.devices
+        def choose(snapshot: Snapshot):
+            view = view_of(snapshot, None, cost_key)
+            decided = place(image_request.mode, guidance, image_request.steps, seconds_left, view.costs,
+                            view.others, snapshot.loads, snapshot.up)
+            placement = decided.placement
+            job.may_yield = image_request.mode is Mode.AUTO and placement.mode is Mode.HYBRID
+            return (decided, snapshot.loads), placement.devices
 
-        with self.board.occupy(choose) as occupancy:
-            placement, loads = occupancy.decision
+        with self.board.occupy(choose, job) as occupancy:
+            decided, loads = occupancy.decision
+            placement = decided.placement
             placed = dataclasses.replace(
                 image_request,
                 mode=placement.mode,
@@ -222,7 +241,9 @@ class TritonPythonModel:
             latents, report = await denoise_image(
                 self.family, self.latent_math, self.transport, branch_cond, placed, hooks
             )
-        summary = {"seed": image_request.seed, **report.as_dict(), "devices": devices, "loads_seen": loads}
+        summary = {"seed": image_request.seed, **report.as_dict(), "devices": devices, "loads_seen": loads,
+                   "placed_by": decided.rule, "predicted_s": decided.predicted_s,
+                   "deadline_left_s": None if seconds_left is None else round(seconds_left, 3)}
         self.metrics.record(summary)
         return latents, summary
 
