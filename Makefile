@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # random `small` checkpoint. SIZE=small or SIZE=tiny serves the random checkpoints of that size for both families.
 SIZE ?= shapes
 TRAINED_sdxl := models/sdxl-shapes
-TRAINED_sd3 :=
+TRAINED_sd3 := models/sd3-shapes
 builtin = $(if $(filter shapes,$(SIZE)),$(or $(TRAINED_$(1)),checkpoints/$(1)-small),checkpoints/$(1)-$(SIZE))
 SDXL_MODEL ?= $(call builtin,sdxl)
 SD3_MODEL ?= $(call builtin,sd3)
@@ -65,7 +65,7 @@ checkpoints: $(SDXL_MODEL)/model_index.json $(SD3_MODEL)/model_index.json
 # The trained shape models (docs/training.md): `make train FAMILY=sdxl` reproduces models/sdxl-shapes. Resumable:
 # the state lives in checkpoints/train/FAMILY; run the same command again after a stop to continue.
 TRAIN_STEPS_sdxl ?= 2464
-TRAIN_STEPS_sd3 ?= 8000
+TRAIN_STEPS_sd3 ?= 3134
 TRAIN_ARGS_sd3 ?= --latent-mode mean
 train: setup
 	$(PY) -m train --family $(FAMILY) --size shapes --state checkpoints/train/$(FAMILY) \
