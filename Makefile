@@ -104,11 +104,14 @@ generate: setup
 		--protocol $(PROTOCOL) --out $(OUT)
 
 # Latency, speed-ups, efficiency, overhead, bytes moved of every mode on the SPEED_SIZE models (50 steps, 512 px),
-# then fidelity and prompt adherence per mode, tau sources and the k ablation on the trained SDXL model.
+# then fidelity and prompt adherence per mode, tau sources and the k ablation on the trained models (and, for SD3,
+# the reference code's frozen stage-1 feed against the correct one).
 bench: speed-repository
 	$(PY) -m bench --checkpoint-size $(SPEED_SIZE) --repository $(SPEED_REPOSITORY) --out out/bench
 	$(PY) -m bench.fidelity --family sdxl --checkpoint $(SDXL_MODEL) --random checkpoints/sdxl-$(SPEED_SIZE) \
-		--out out/bench
+		--out out/bench/fidelity-sdxl
+	$(PY) -m bench.fidelity --family sd3 --checkpoint $(SD3_MODEL) --random checkpoints/sd3-$(SPEED_SIZE) \
+		--frozen-feed --out out/bench/fidelity-sd3
 
 # Locust concurrency sweep (1, 2, 4, 8 users per mode and auto) against a server it starts on the SPEED_SIZE models.
 loadtest: speed-repository
