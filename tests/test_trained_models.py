@@ -64,12 +64,13 @@ def test_draws_held_out_prompts_colour_in_the_right_place(family):
     assert right >= len(HELD_OUT_COMBINATIONS) - 1
 
 
-def test_sdxl_hybrid_at_the_checkpoints_defaults_finds_tau1_by_the_slope():
-    """The knobs in models/sdxl-shapes/serving_defaults.json make the slope test, not tau_cap, place tau1."""
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_hybrid_at_the_checkpoints_defaults_finds_tau1_by_the_slope(family):
+    """The knobs in models/FAMILY-shapes/serving_defaults.json make the slope test, not tau_cap, place tau1."""
     from hybridiff.serving_defaults import read_serving_defaults
 
-    path = folder("sdxl")
-    local = LocalPipeline("sdxl", path, devices=2)
+    path = folder(family)
+    local = LocalPipeline(family, path, devices=2)
     d = read_serving_defaults(path, local.family.defaults)
     request = ImageRequest(seed=1000, steps=d.steps, guidance_scale=d.guidance_scale, height=d.height, width=d.width,
                            mode=Mode.HYBRID, knobs=d.knobs)
