@@ -37,7 +37,8 @@ class Model:
         return "image"
 
 
-def run(model: Model, clock: FakeClock, policy: OutagePolicy = OutagePolicy(), **kwargs):
+def run(model: Model, clock: FakeClock, policy: OutagePolicy | None = None, **kwargs):
+    policy = policy or OutagePolicy()
     return asyncio.run(call_through_outage(model, policy, sleep=clock.sleep, clock=clock, **kwargs))
 
 
