@@ -343,6 +343,7 @@ class TritonPythonModel:
         except StillGone as err:
             return error_response(str(err), "UNAVAILABLE")
         except RunStopped as err:
+            self.pb.Logger.log_info(f"{self.family.name}: {err}")
             return error_response(str(err), err.code)
         schedule_tensor = self.pb.Tensor(wire.SCHEDULE.name, np.array(schedules, dtype=object))
         return self.pb.InferenceResponse(output_tensors=[image, schedule_tensor])
