@@ -143,10 +143,11 @@ def generate(client, protocol: str, model: str, prompts: list[str], timeout_s: f
 
 # What Triton 2.51 answers while a model is down and being brought back (measured, docs/operations.md):
 # the request held by a killed stub gets INTERNAL "Stub process '<instance>' is not healthy."; while the
-# supervisor has the model unloaded, requests get "Model '<name>' is not ready" (INTERNAL), or, as Triton
-# unloads the family's ensemble with its composing model, "Request for unknown model: '<family>' has no
-# available versions" (NOT_FOUND / 404). Nothing on the server can turn the first into UNAVAILABLE: the
-# process that held the request is gone. All of these pass once the model is back, so they are retried.
+# supervisor has the model unloaded, requests get "Model '<name>' is not ready" (INTERNAL) or "Request for
+# unknown model: '<family>' has no available versions" (NOT_FOUND / 404). The public model itself waits
+# for a text encoder or VAE being brought back, so a client meets these when a public-model process died.
+# Nothing on the server can turn the first into UNAVAILABLE: the process that held the request is gone.
+# All of these pass once the model is back, so they are retried.
 RETRYABLE_MESSAGES = ("is not healthy", "is not ready", "has no available versions")
 RETRYABLE_STATUSES = ("StatusCode.UNAVAILABLE", "503")
 # The run's own deadline passed (answered UNAVAILABLE, as Triton's queue timeouts are): the same request

@@ -2,10 +2,10 @@
 
     python -m export.make_repository --model sdxl=checkpoints/sdxl-small --devices 2 --kind cpu
 
-Per family it writes ``<family>_text_encoder``, ``<family>_denoiser_<i>`` (one per device),
-``<family>_vae``, ``<family>_orchestrator`` (BLS) and the public ensemble ``<family>``. Every
+Per family it writes the public model ``<family>`` (the BLS orchestrator: it calls the others),
+``<family>_text_encoder``, ``<family>_denoiser_<i>`` (one per device) and ``<family>_vae``. Every
 ``model.py`` is a one-line import of the logic in ``hybridiff.triton``; configs come from the
-family's tensor specs, so the repository is reproducible from this one command.
+wire definition (``hybridiff.wire``), so the repository is reproducible from this one command.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Deployment:
 
     devices: int = 2
     kind: str = "cpu"  # "cpu" or "gpu"
-    orchestrator_instances: int = 4  # requests in flight per family (each instance is a process)
+    orchestrator_instances: int = 4  # public model instances: requests in flight per family (a process each)
     max_device_batch: int = 8  # samples one denoiser forward may hold when requests meet on a device
     # How long a device waits for more requests before a forward. 0 batches only what queued while
     # it was busy; a delay of about one orchestrator round trip also catches requests stepping in
@@ -72,12 +72,9 @@ def _instances(deployment: Deployment, device: int, count: int = 1, cpu_only: bo
     return f"instance_group [ {{ count: {count} kind: KIND_CPU }} ]\n"
 
 
-def _config(
-    name: str, inputs: list[str], outputs: list[str], rest: str, backend: bool = True, max_batch_size: int = 0
-) -> str:
-    head = f'name: "{name}"\n' + ('backend: "python"\n' if backend else 'platform: "ensemble"\n')
+def _config(name: str, inputs: list[str], outputs: list[str], rest: str, max_batch_size: int = 0) -> str:
     return (
-        head
+        f'name: "{name}"\nbackend: "python"\n'
         + f"max_batch_size: {max_batch_size}\n"
         + "input [\n"
         + ",\n".join(inputs)
@@ -91,33 +88,27 @@ def _config(
 def _queue_policy(max_queue_size: int, timeout_us: int = 0) -> str:
     """Triton's bounded queue: a request beyond ``max_queue_size`` waiting is refused at once with
     UNAVAILABLE, one still waiting after ``timeout_us`` is refused when it reaches the head. Works on
-    these max_batch_size 0 Python models too (measured on the bundled 2.51; ensembles have no queue)."""
+    these max_batch_size 0 Python models too (measured on the bundled 2.51)."""
     return (
         f"dynamic_batching {{ default_queue_policy {{ max_queue_size: {max_queue_size} "
         f"default_timeout_microseconds: {timeout_us} timeout_action: REJECT allow_timeout_override: true }} }}\n"
     )
 
 
-def _scalar_tensors() -> list[Tensor]:
-    return [spec.tensor for spec in wire.scalar_inputs()]
-
-
-def family_models(
-    family: FamilyWire, checkpoint: str, deployment: Deployment
-) -> dict[str, tuple[str, str | None]]:
+def family_models(family: FamilyWire, checkpoint: str, deployment: Deployment) -> dict[str, tuple[str, str]]:
     """Model name -> (config.pbtxt, the hybridiff.triton module its model.py imports)."""
     name = family.name
     limits = deployment.limits
     # Every model holds its inputs to the public limits (hybridiff.validation), so every model gets them.
     common = {"family": name, "checkpoint": checkpoint, "dtype": deployment.dtype, **limits.as_parameters()}
     denoisers = [f"{name}_denoiser_{i}" for i in range(deployment.devices)]
-    models: dict[str, tuple[str, str | None]] = {}
+    models: dict[str, tuple[str, str]] = {}
     prompts = _tensors((spec.tensor for spec in wire.PROMPT_INPUTS), deployment)
     queues = deployment.queues
-    # The encoder and the VAE hold at most what the orchestrator admits (running + waiting), so they
-    # never refuse a request it would take; only the orchestrator has a start deadline (a refusal
-    # after denoising would throw the work away).
-    held = 0 if queues.queue_size == 0 else deployment.orchestrator_instances + queues.queue_size
+    # Only running public requests call the encoder and the VAE, one call each at a time: a queue of
+    # the public model's instance count never refuses what it admitted. Only the public model has a
+    # start deadline (a refusal after denoising would throw the work away).
+    held = deployment.orchestrator_instances
     branch_outputs = _tensors(family.branch_outputs(), deployment)
 
     models[f"{name}_text_encoder"] = (
@@ -160,52 +151,27 @@ def family_models(
         ),
         "vae",
     )
-    orchestrator_params = {
+    public_params = {
         **common,
+        "text_encoder": f"{name}_text_encoder",
         "denoisers": ",".join(denoisers),
+        "vae": f"{name}_vae",
         "bls_memory": "gpu" if deployment.kind == "gpu" else "cpu",
         "max_per_device": str(queues.max_per_device),
         "start_timeout_us": str(queues.start_timeout_us),
     }
-    models[f"{name}_orchestrator"] = (
+    models[name] = (
         _config(
-            f"{name}_orchestrator",
-            branch_outputs + _tensors(_scalar_tensors(), deployment),
-            _tensors([wire.LATENTS, wire.SCHEDULE], deployment),
+            name,
+            _tensors((spec.tensor for spec in wire.REQUEST_INPUTS), deployment),
+            _tensors(wire.RESPONSE_OUTPUTS, deployment),
             _queue_policy(queues.queue_size, queues.start_timeout_us)
             + _instances(deployment, 0, deployment.orchestrator_instances, cpu_only=True)
-            + _parameters(orchestrator_params),
+            + _parameters(public_params),
         ),
         "orchestrator",
     )
-    models[name] = (_ensemble(family, deployment), None)
     return models
-
-
-def _ensemble(family: FamilyWire, deployment: Deployment) -> str:
-    name = family.name
-    branch_names = [t.name for t in family.branch_outputs()]
-    scalar_names = [t.name for t in _scalar_tensors()]
-    prompt_names = [spec.name for spec in wire.PROMPT_INPUTS]
-
-    def maps(kind: str, names: list[str]) -> str:
-        return "\n".join(f'      {kind} {{ key: "{n}" value: "{n}" }}' for n in names)
-
-    steps = [
-        (f"{name}_text_encoder", maps("input_map", prompt_names), maps("output_map", branch_names)),
-        (
-            f"{name}_orchestrator",
-            maps("input_map", branch_names + scalar_names),
-            maps("output_map", [wire.LATENTS.name, wire.SCHEDULE.name]),
-        ),
-        (f"{name}_vae", maps("input_map", [wire.LATENTS.name]), maps("output_map", [wire.IMAGE.name])),
-    ]
-    body = ",\n".join(
-        f'    {{\n      model_name: "{m}"\n      model_version: -1\n{i}\n{o}\n    }}' for m, i, o in steps
-    )
-    inputs = _tensors((spec.tensor for spec in wire.REQUEST_INPUTS), deployment)
-    outputs = _tensors(wire.RESPONSE_OUTPUTS, deployment)
-    return _config(name, inputs, outputs, f"ensemble_scheduling {{\n  step [\n{body}\n  ]\n}}\n", backend=False)
 
 
 MODEL_PY = '''"""Generated by export/make_repository.py; the logic lives in hybridiff.triton.{module}."""
@@ -234,8 +200,7 @@ def write_repository(out: Path, checkpoints: dict[str, Path], deployment: Deploy
             model_dir = staging / model_name
             (model_dir / "1").mkdir(parents=True)
             (model_dir / "config.pbtxt").write_text(config)
-            if module is not None:
-                (model_dir / "1" / "model.py").write_text(MODEL_PY.format(module=module))
+            (model_dir / "1" / "model.py").write_text(MODEL_PY.format(module=module))
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
@@ -251,11 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--devices", type=int, default=2, help="denoiser devices (one model each)")
     parser.add_argument("--kind", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--orchestrator-instances", type=int, default=Deployment.orchestrator_instances)
+    parser.add_argument("--orchestrator-instances", type=int, default=Deployment.orchestrator_instances,
+                        help="instances of the public model (the orchestrator): requests in flight per family")
     parser.add_argument("--batch-delay-us", type=int, default=Deployment.batch_delay_us,
                         help="denoiser dynamic batching: max queue delay in microseconds")
     parser.add_argument("--queue-size", type=int, default=QueueLimits.queue_size,
-                        help="requests that may wait for an orchestrator per family; more are refused (0: no bound)")
+                        help="requests that may wait to start per family; more are refused (0: no bound)")
     parser.add_argument("--start-timeout-us", type=int, default=QueueLimits.start_timeout_us,
                         help="a request waiting longer than this is refused instead of started (0: no limit)")
     parser.add_argument("--max-per-device", type=int, default=QueueLimits.max_per_device,

@@ -5,7 +5,8 @@
 Starts a server (127.0.0.1, admin key, supervisor on) on a repository with both families, runs
 ``--users`` closed-loop clients (both families, every mode, the project's client with its bounded
 retries), and, every ``--gap-s`` seconds, SIGKILLs one stub: per round a denoiser, the text
-encoder, the VAE and an orchestrator instance, alternating families and denoiser devices. A fault
+encoder, the VAE and an instance of the public model (the orchestrator, named ``<family>``),
+alternating families and denoiser devices. A fault
 is recovered when the supervisor has loaded the model again and one request in every mode of that
 family succeeded; its time to recover runs from the kill. Writes ``chaos.csv`` (one row per
 fault) and ``chaos.md`` (totals, failures by reason, the fault table, the command and commit).
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from loadtest.csvfile import write_csv
 
-KINDS = ("denoiser", "text_encoder", "vae", "orchestrator")
+KINDS = ("denoiser", "text_encoder", "vae", "orchestrator")  # "orchestrator": the public model <family>
 FAMILIES = ("sdxl", "sd3")
 MODES = ("serial", "cfg_parallel", "pipeline", "hybrid", "auto")
 PROMPTS = ("a lighthouse at dusk", "a red fox in snow", "a bowl of peaches", "a neon street at night")
@@ -54,7 +55,8 @@ def fault_plan(rounds: int, families: Sequence[str] = FAMILIES, devices: int = 2
     faults = []
     for index, (round_, kind) in enumerate(itertools.product(range(rounds), KINDS)):
         family = families[(round_ + KINDS.index(kind)) % len(families)]
-        model = f"{family}_denoiser_{round_ % devices}" if kind == "denoiser" else f"{family}_{kind}"
+        named = {"denoiser": f"{family}_denoiser_{round_ % devices}", "orchestrator": family}
+        model = named.get(kind, f"{family}_{kind}")
         faults.append(Fault(index, family, model, kind))
     return faults
 
@@ -65,7 +67,7 @@ def failure_reason(error: BaseException | str) -> str:
     for fragment, reason in (
         ("is not healthy", "stub process not healthy (killed while holding the request)"),
         ("is not ready", "model not ready (being brought back)"),
-        ("has no available versions", "family's ensemble unloaded (being brought back)"),
+        ("has no available versions", "model unloaded (being brought back)"),
         ("UNAVAILABLE", "unavailable"),
         ("Deadline", "client timeout"),
     ):

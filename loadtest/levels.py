@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hybridiff.wire import FAMILIES
+
 PROMPTS = [
     "a lighthouse on a cliff at sunset, oil painting",
     "a red fox sitting in fresh snow, photograph",
@@ -84,11 +86,11 @@ class HalfResult:
 
 
 def queue_delta(before: dict, after: dict) -> dict[str, tuple[float, float]]:
-    """Queue time and requests over an interval, for the denoiser and orchestrator models."""
+    """Queue time and requests over an interval, for the denoisers and the public (orchestrator) models."""
     result = {}
     for model, (queue, count) in after.items():
         q0, c0 = before.get(model, (0.0, 0.0))
-        if count > c0 and ("denoiser" in model or "orchestrator" in model):
+        if count > c0 and ("denoiser" in model or model in FAMILIES):
             result[model] = (queue - q0, count - c0)
     return result
 

@@ -86,23 +86,24 @@ def configs(deployment: Deployment) -> dict[str, str]:
     return {name: config for name, (config, _) in family_models(FAMILIES["sdxl"], "ckpt", deployment).items()}
 
 
-def test_public_path_models_carry_a_bounded_queue_and_only_the_orchestrator_a_start_deadline():
+def test_public_path_models_carry_a_bounded_queue_and_only_the_public_model_a_start_deadline():
     deployment = Deployment(orchestrator_instances=4, queues=QueueLimits(queue_size=3, start_timeout_us=7_000_000))
     found = configs(deployment)
-    orchestrator = found["sdxl_orchestrator"]
-    assert "max_queue_size: 3 default_timeout_microseconds: 7000000 timeout_action: REJECT" in orchestrator
-    for name in ("sdxl_text_encoder", "sdxl_vae"):  # hold what the orchestrator admits: 4 running + 3 waiting
-        assert "max_queue_size: 7 default_timeout_microseconds: 0 timeout_action: REJECT" in found[name]
-    assert "allow_timeout_override: true" in found["sdxl_orchestrator"]
-    assert "queue_policy" not in found["sdxl"]  # an ensemble has no queue of its own
+    public = found["sdxl"]
+    assert "max_queue_size: 3 default_timeout_microseconds: 7000000 timeout_action: REJECT" in public
+    assert "allow_timeout_override: true" in public
+    # Only the 4 running public requests call the encoder and the VAE, one call each at a time.
+    for name in ("sdxl_text_encoder", "sdxl_vae"):
+        assert "max_queue_size: 4 default_timeout_microseconds: 0 timeout_action: REJECT" in found[name]
     assert "queue_policy" not in found["sdxl_denoiser_0"]  # internal: a refusal there would waste a request
-    assert 'key: "start_timeout_us" value: { string_value: "7000000" }' in found["sdxl_orchestrator"]
+    assert 'key: "start_timeout_us" value: { string_value: "7000000" }' in public
 
 
-def test_queue_size_zero_keeps_every_queue_unbounded():
-    found = configs(Deployment(queues=QueueLimits(queue_size=0)))
-    for name in ("sdxl_text_encoder", "sdxl_orchestrator", "sdxl_vae"):
-        assert "max_queue_size: 0 " in found[name]
+def test_queue_size_zero_leaves_the_public_queue_unbounded_and_the_internal_ones_at_the_instances():
+    found = configs(Deployment(orchestrator_instances=3, queues=QueueLimits(queue_size=0)))
+    assert "max_queue_size: 0 " in found["sdxl"]
+    for name in ("sdxl_text_encoder", "sdxl_vae"):
+        assert "max_queue_size: 3 " in found[name]
 
 
 def test_the_container_passes_the_admission_variables_to_the_generator():

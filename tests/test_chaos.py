@@ -29,7 +29,8 @@ def test_plan_kills_every_kind_each_round_alternating_families_and_devices():
         assert {f.family for f in plan if f.kind == kind} == {"sdxl", "sd3"}
     assert [f.family for f in plan[:4]] == ["sdxl", "sd3", "sdxl", "sd3"]
     assert [f.model for f in plan if f.kind == "denoiser"] == ["sdxl_denoiser_0", "sd3_denoiser_1"]
-    assert all(f.model.startswith(f.family + "_") for f in plan)
+    assert all(f.model.startswith(f.family + "_") for f in plan if f.kind != "orchestrator")
+    assert [f.model for f in plan if f.kind == "orchestrator"] == ["sd3", "sdxl"]  # the public model itself
     with pytest.raises(ValueError, match="rounds"):
         fault_plan(0)
 

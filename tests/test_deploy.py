@@ -73,7 +73,7 @@ def test_entrypoint_runs_the_launcher_with_the_flags_of_make_serve(sdxl_tiny, sd
     assert container["supervised"] and serve["supervised"]
     # ... and it wrote the repository it points the server at.
     names = {p.name for p in repo.iterdir()}
-    assert {"sdxl", "sd3", "sdxl_denoiser_0", "sdxl_denoiser_1", "sd3_orchestrator", "sd3_vae"} <= names
+    assert {"sdxl", "sd3", "sdxl_denoiser_0", "sdxl_denoiser_1", "sd3_text_encoder", "sd3_vae"} <= names
     assert "KIND_CPU" in (repo / "sdxl_denoiser_1" / "config.pbtxt").read_text()
 
 
@@ -93,8 +93,8 @@ def test_entrypoint_in_the_container_uses_the_server_root_and_listen_address(sdx
     for endpoint in ("http", "grpc", "metrics"):
         assert f"--{endpoint}-address=0.0.0.0" in command
     assert "kind: KIND_GPU gpus: [ 1 ]" in (tmp_path / "repo" / "sdxl_denoiser_1" / "config.pbtxt").read_text()
-    orchestrator = (tmp_path / "repo" / "sdxl_orchestrator" / "config.pbtxt").read_text()
-    assert '{ key: "max_steps" value: { string_value: "50" } }' in orchestrator
+    public = (tmp_path / "repo" / "sdxl" / "config.pbtxt").read_text()
+    assert '{ key: "max_steps" value: { string_value: "50" } }' in public
 
 
 @pytest.mark.parametrize(
@@ -248,10 +248,13 @@ def test_autoscaler_metric_comes_from_the_adapter_rule() -> None:
     assert metric["type"] == "Pods"
     (rule,) = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])["rules"]
     assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
-    # Triton's own gauge (test_probe.py checks the server exports it per orchestrator), per pod.
+    # Triton's own gauge (test_probe.py checks the server exports it per public model), per pod.
     assert rule["seriesQuery"].startswith("nv_inference_pending_request_count{")
     assert re.search(r"^" + rule["name"]["matches"].strip("^$") + "$", "nv_inference_pending_request_count")
-    assert 'model=~".+_orchestrator"' in rule["seriesQuery"] and 'model=~".+_orchestrator"' in rule["metricsQuery"]
+    assert 'model=~"[^_]+"' in rule["seriesQuery"] and 'model=~"[^_]+"' in rule["metricsQuery"]
+    public = re.compile(r"[^_]+")  # Prometheus anchors the regex: the family names, no internal model
+    assert all(public.fullmatch(m) for m in ("sdxl", "sd3"))
+    assert not any(public.fullmatch(m) for m in ("sdxl_vae", "sd3_text_encoder", "sdxl_denoiser_0"))
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
     for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
         assert placeholder in rule["metricsQuery"]

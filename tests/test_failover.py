@@ -306,6 +306,22 @@ def test_which_errors_mean_the_device_is_gone(code, message, gone):
     assert device_gone(code, message) is gone
 
 
+@pytest.mark.parametrize(
+    "code, message, refused",
+    [
+        ("INTERNAL", "PROMPT: prompt is 257 tokens for the T5 text encoder; at most 256", True),
+        ("INVALID_ARG", "NEGATIVE_PROMPT: 2 given for 3 prompts; send 1 or one per prompt", True),
+        ("INTERNAL", "Stub process 'sd3_text_encoder_0_0' is not healthy.", False),
+        ("INTERNAL", "PROMPTS were odd", False),  # only "<field>: " names a field
+        ("INTERNAL", "LATENTS: batch of 40; allowed 1 to 8", False),  # not a field the caller passed
+    ],
+)
+def test_which_errors_refuse_the_requests_own_input(code, message, refused):
+    from hybridiff.triton.orchestrator import input_refused
+
+    assert input_refused(code, message, ("PROMPT", "NEGATIVE_PROMPT")) is refused
+
+
 def test_a_run_stopped_by_an_error_releases_its_devices(tmp_path):
     """A cancelled or timed-out run raises out of the loop: its devices must not stay busy on the board."""
     board = InFlightBoard(tmp_path / "board.json", 2)

@@ -58,17 +58,17 @@ def test_a_row_pools_both_halves_images_over_total_time_and_queue_per_request():
     fast = HalfResult([_result(1.0), _result(2.0), _result(3.0, "boom")], span_s=4.0,
                       queue={"sdxl_denoiser_0": (3000.0, 2.0)})
     slow = HalfResult([_result(4.0, mode_run="hybrid"), _result(5.0)], span_s=12.0,
-                      queue={"sdxl_denoiser_0": (9000.0, 2.0), "sdxl_orchestrator": (500.0, 1.0)})
+                      queue={"sdxl_denoiser_0": (9000.0, 2.0), "sdxl": (500.0, 1.0)})
     row = pooled_row("auto", 2, [fast, slow])
     assert (row["requests"], row["failures"]) == (5, 1)
     assert row["images_per_s"] == pytest.approx(4 / 16)  # not the mean of the halves' 0.5 and 0.167
     assert json.loads(row["images_per_s_halves"]) == [0.5, 0.167]
     assert row["p50_s"] == pytest.approx(3.0)
     assert json.loads(row["modes_run"]) == {"hybrid": 1, "serial": 3}
-    assert json.loads(row["queue_ms_per_request"]) == {"sdxl_denoiser_0": 3.0, "sdxl_orchestrator": 0.5}
+    assert json.loads(row["queue_ms_per_request"]) == {"sdxl_denoiser_0": 3.0, "sdxl": 0.5}
 
 
 def test_queue_delta_keeps_denoisers_and_orchestrators_that_served_requests():
     before = {"sdxl_denoiser_0": (100.0, 1.0), "sdxl_vae": (0.0, 0.0)}
-    after = {"sdxl_denoiser_0": (400.0, 4.0), "sdxl_vae": (50.0, 3.0), "sdxl_orchestrator": (0.0, 0.0)}
+    after = {"sdxl_denoiser_0": (400.0, 4.0), "sdxl_vae": (50.0, 3.0), "sdxl": (0.0, 0.0)}
     assert queue_delta(before, after) == {"sdxl_denoiser_0": (300.0, 3.0)}

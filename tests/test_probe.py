@@ -58,16 +58,15 @@ class FakeServer:
         if path == "/v2/models/stats" and method == "GET":
             if self.stats_status != 200:
                 return self.stats_status, {"error": "statistics unavailable"}
-            names = ("fam", "fam_orchestrator", "fam_vae", "other")
+            names = ("fam", "fam_text_encoder", "fam_vae", "other", "other_vae")
             return 200, {"model_stats": [{"name": n, "version": "1"} for n in names]}
         if path.endswith("/ready"):
             model = path.split("/")[3]
             return (400, {"error": f"{model} not ready"}) if model in self.unready else (200, {})
         if path == "/v2/models/fam/config":
-            steps = [{"model_name": m} for m in ("fam_text_encoder", "fam_orchestrator", "fam_vae")]
-            return 200, {"name": "fam", "ensemble_scheduling": {"step": steps}}
-        if path == "/v2/models/fam_orchestrator/config":
-            return 200, {"parameters": {"denoisers": {"string_value": "fam_denoiser_0,fam_denoiser_1"}}}
+            called = {"text_encoder": "fam_text_encoder", "denoisers": "fam_denoiser_0,fam_denoiser_1",
+                      "vae": "fam_vae"}
+            return 200, {"name": "fam", "parameters": {k: {"string_value": v} for k, v in called.items()}}
         if path.endswith("/config") and path.split("/")[3].startswith("fam_"):
             return 200, {}
         if path == "/v2/models/fam/infer" and method == "POST":
@@ -115,7 +114,7 @@ def test_probe_passes_and_discovers_the_families(fake, capsys) -> None:
     state, url = fake
     assert probe.main(["--url", url, "--timeout", "5"]) == 0
     assert "probe ok" in capsys.readouterr().out
-    (sent,) = state.requests  # one request: "fam" (the only name with an orchestrator), not "other"
+    (sent,) = state.requests  # one request: "fam" (the only name with a text encoder), not "other"
     assert {t["name"]: t["data"][0] for t in sent["inputs"]}["MODE"] == "cfg_parallel"
 
 
@@ -186,13 +185,13 @@ def test_probe_passes_on_a_healthy_server(server, capsys) -> None:
 
 @pytest.mark.server
 def test_server_exports_the_autoscaling_metric(server) -> None:
-    """The HPA's metric (deploy/kubernetes) is Triton's pending-request gauge of the orchestrators."""
+    """The HPA's metric (deploy/kubernetes) is Triton's pending-request gauge of the public models."""
     import urllib.request
 
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     lines = [line for line in text.splitlines() if line.startswith("nv_inference_pending_request_count{")]
-    assert any('model="sdxl_orchestrator"' in line for line in lines), lines
-    assert any('model="sd3_orchestrator"' in line for line in lines), lines
+    assert any('model="sdxl"' in line for line in lines), lines
+    assert any('model="sd3"' in line for line in lines), lines
 
 
 def _stub_pids(server, model: str) -> list[int]:

@@ -1,5 +1,5 @@
-"""The internal models on the real tritonserver, called directly: input the public ensemble could never send them is
-INVALID_ARG naming the input and the allowed range, well-formed direct calls still run, and the public ensemble still
+"""The internal models on the real tritonserver, called directly: input the public model could never send them is
+INVALID_ARG naming the input and the allowed range, well-formed direct calls still run, and the public model still
 serves every staged mode of both families (so no check refuses what it sends)."""
 
 from __future__ import annotations
@@ -76,15 +76,6 @@ def zeros(*shape: int) -> np.ndarray:
     return np.zeros(shape, dtype=np.float32)
 
 
-def embeddings(family_shapes, batch: int, **overrides) -> dict[str, np.ndarray]:
-    arrays = {
-        f"{branch}_{name}": zeros(batch, *dims)
-        for branch in ("uncond", "cond")
-        for name, dims in family_shapes.text_outputs.items()
-    }
-    return {**arrays, **overrides}
-
-
 def denoiser_inputs(family_shapes, batch: int, latent: tuple[int, int], stage: int = -1, **overrides):
     h, w = latent
     arrays = {
@@ -108,16 +99,15 @@ def test_text_encoder_refuses_more_prompts_than_a_request_may_send(client, famil
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
-def test_orchestrator_refuses_mismatched_branches_and_foreign_embeddings(client, shapes, family):
-    model, outputs = f"{family}_orchestrator", ["LATENTS"]
-    prompt_embeds = shapes[family].text_outputs["PROMPT_EMBEDS"]
-    mismatched = embeddings(shapes[family], 2, cond_PROMPT_EMBEDS=zeros(1, *prompt_embeds))
-    assert_invalid_arg(client, model, mismatched, outputs, "cond_PROMPT_EMBEDS", "batch of 1", "has 2")
-    too_long = embeddings(shapes[family], 1, uncond_PROMPT_EMBEDS=zeros(1, 4096, prompt_embeds[1]))
-    expected = f"[batch, {prompt_embeds[0]}, {prompt_embeds[1]}]"
-    assert_invalid_arg(client, model, too_long, outputs, "uncond_PROMPT_EMBEDS", expected)
-    too_many = embeddings(shapes[family], LIMITS.max_batch + 1)
-    assert_invalid_arg(client, model, too_many, outputs, "uncond_PROMPT_EMBEDS", "batch of 5", "allowed 1 to 4")
+def test_public_model_refuses_too_many_prompts_and_mismatched_negatives_before_encoding(client, family):
+    """The public model is the orchestrator: the batch it runs is the prompts it was sent, held to ``max_batch``,
+    with one negative prompt or one per prompt (the uncond and cond branches row for row)."""
+    outputs = ["SCHEDULE"]
+    too_many = {"PROMPT": np.array([b"a fox"] * (LIMITS.max_batch + 1), dtype=object)}
+    assert_invalid_arg(client, family, too_many, outputs, "PROMPT", "5 prompts", "at most 4")
+    mismatched = {"PROMPT": np.array([b"a fox"] * 3, dtype=object),
+                  "NEGATIVE_PROMPT": np.array([b"blurry"] * 2, dtype=object)}
+    assert_invalid_arg(client, family, mismatched, outputs, "NEGATIVE_PROMPT", "2 given for 3 prompts")
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
@@ -151,7 +141,7 @@ def test_vae_refuses_dozens_of_large_latents_and_decodes_allowed_ones(client, sh
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
 @pytest.mark.parametrize("mode", ["hybrid", "pipeline", "cfg_parallel"])
-def test_public_ensemble_still_serves_after_bad_direct_calls(server, family, mode):
+def test_public_model_still_serves_after_bad_direct_calls(server, family, mode):
     public = make_client("http", server.http_url)
     try:
         result = generate(public, "http", family, ["a fox", "a boat"], mode=mode, **PUBLIC)

@@ -73,15 +73,15 @@ def test_parse_stub_ignores_other_processes(argv: list[str]) -> None:
 
 def test_scan_stubs_keeps_live_children_of_the_server(tmp_path: Path) -> None:
     add_process(tmp_path, 11, stub_argv("sdxl_vae", "sdxl_vae_0_0"))
-    add_process(tmp_path, 12, stub_argv("sdxl_orchestrator", "sdxl_orchestrator_0_0"))
-    add_process(tmp_path, 13, stub_argv("sdxl_orchestrator", "sdxl_orchestrator_0_1"))
+    add_process(tmp_path, 12, stub_argv("sdxl", "sdxl_0_0"))
+    add_process(tmp_path, 13, stub_argv("sdxl", "sdxl_0_1"))
     add_process(tmp_path, 14, stub_argv("other_model", "other_0_0"), ppid=999)  # another server's stub
     add_process(tmp_path, 15, ["/bin/sleep", "10"])  # not a stub
     add_process(tmp_path, 16, stub_argv("sdxl_text_encoder", "sdxl_text_encoder_0_0"))
     kill(tmp_path, 16)
     stubs = scan_stubs(SERVER, tmp_path)
     assert sorted(stubs) == [11, 12, 13]
-    assert group_by_model(stubs) == {"sdxl_vae": frozenset({11}), "sdxl_orchestrator": frozenset({12, 13})}
+    assert group_by_model(stubs) == {"sdxl_vae": frozenset({11}), "sdxl": frozenset({12, 13})}
 
 
 def test_dead_models_one_lost_instance_is_enough() -> None:
@@ -204,13 +204,13 @@ def test_failed_load_is_retried_after_a_delay_and_the_model_stays_unloaded(tmp_p
 def test_one_dead_orchestrator_instance_reloads_the_model(tmp_path: Path) -> None:
     proc = tmp_path / "proc"
     for i in range(3):
-        add_process(proc, 20 + i, stub_argv("sdxl_orchestrator", f"sdxl_orchestrator_0_{i}"))
+        add_process(proc, 20 + i, stub_argv("sdxl", f"sdxl_0_{i}"))
     repository = FakeRepository(proc)
     supervisor, _ = make_supervisor(tmp_path, repository)
     supervisor.poll_once()
     kill(proc, 21)
-    assert supervisor.poll_once() == ["sdxl_orchestrator"]
-    assert supervisor.recoveries()[0].instances == ["sdxl_orchestrator_0_1"]
+    assert supervisor.poll_once() == ["sdxl"]
+    assert supervisor.recoveries()[0].instances == ["sdxl_0_1"]
 
 
 # --- admin key -------------------------------------------------------------------------------------
@@ -288,16 +288,16 @@ def test_surviving_stubs_of_a_reloaded_model_are_not_watched_as_new(tmp_path: Pa
     survivor's stub is still alive next to the new ones for a while. Its exit is no new fault."""
     proc = tmp_path / "proc"
     for i in range(2):
-        add_process(proc, 20 + i, stub_argv("sdxl_orchestrator", f"sdxl_orchestrator_0_{i}"))
+        add_process(proc, 20 + i, stub_argv("sdxl", f"sdxl_0_{i}"))
     repository = FakeRepository(proc)
     supervisor, _ = make_supervisor(tmp_path, repository)
     supervisor.poll_once()
     kill(proc, 20)
     supervisor.poll_once()
-    assert set(supervisor.watched["sdxl_orchestrator"]) == {501}  # not the survivor 21
+    assert set(supervisor.watched["sdxl"]) == {501}  # not the survivor 21
     kill(proc, 21)  # the survivor goes when Triton finishes unloading the old model
     assert supervisor.poll_once() == []
-    assert repository.calls.count(("load", "sdxl_orchestrator")) == 1
+    assert repository.calls.count(("load", "sdxl")) == 1
 
 
 # --- the readiness probe ---------------------------------------------------------------------------

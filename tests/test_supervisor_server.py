@@ -154,8 +154,7 @@ def test_killed_denoiser_is_not_ready_until_brought_back_then_serves_every_mode(
 
 def test_readiness_probe_fails_until_the_model_is_back(server):
     """The probe (every model of the repository ready) is what tells the truth: Triton's own server
-    readiness is 400 only while the unload runs, and the ensemble's follows its composing models only
-    because Triton unloads it with them."""
+    readiness is 400 only while the unload runs, and the public model's says nothing of the models it calls."""
     models = repository_models(server.model_repository, "sdxl")
     ready = http_ready(server.http_url)
     assert not_ready(models, ready) == []
@@ -166,7 +165,7 @@ def test_readiness_probe_fails_until_the_model_is_back(server):
     assert call(server, mode="cfg_parallel").schedules[0]["mode_run"] == "cfg_parallel"
 
 
-@pytest.mark.parametrize("model", ["sdxl_text_encoder", "sdxl_vae", "sdxl_orchestrator"])
+@pytest.mark.parametrize("model", ["sdxl_text_encoder", "sdxl_vae", "sdxl"])
 def test_killed_text_encoder_vae_and_orchestrator_come_back(server, model):
     instances = len(stub_pids(server, model))
     recovery, _ = kill_and_wait(server, model)
@@ -177,9 +176,24 @@ def test_killed_text_encoder_vae_and_orchestrator_come_back(server, model):
     assert call(server, "grpc", mode="hybrid").images.shape == (1, 64, 64, 3)
 
 
+@pytest.mark.parametrize("model", ["sdxl_text_encoder", "sdxl_vae"])
+def test_a_request_meeting_a_killed_text_encoder_or_vae_is_served_once_the_supervisor_brings_it_back(server, model):
+    """No client retry: the public model waits for the model it calls (hybridiff.outage), so a request accepted
+    while that model is dead or reloading is answered once it is back."""
+    seen = len(server.supervisor.recoveries())
+    [pid] = stub_pids(server, model)
+    os.kill(pid, signal.SIGKILL)
+    sent = time.monotonic()
+    result = call(server, "grpc", mode="cfg_parallel")
+    assert result.images.shape == (1, 64, 64, 3) and result.schedules[0]["mode_run"] == "cfg_parallel"
+    assert wait_for(lambda: recovery_of(server, model, seen) is not None, RECOVERY_S, 0.5)
+    recovery = recovery_of(server, model, seen)
+    assert sent < recovery.loaded_at  # it was sent while the model was dead, unloaded or loading
+
+
 def test_orchestrator_kill_fails_only_the_request_it_held(server):
-    """Two long requests, one per orchestrator instance; one instance is killed. The other request
-    completes; the killed one's fails with an error the client retries, and the retry succeeds."""
+    """Two long requests, one per instance of the public model (the orchestrator); one instance is killed. The
+    other request completes; the killed one's fails with an error the client retries, and the retry succeeds."""
     long_request = dict(steps=48, height=128, width=128, mode="serial")
     outcomes: dict[int, object] = {}
 
@@ -192,7 +206,7 @@ def test_orchestrator_kill_fails_only_the_request_it_held(server):
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for thread in threads:
         thread.start()
-    pids = stub_pids(server, "sdxl_orchestrator")
+    pids = stub_pids(server, "sdxl")
     assert len(pids) == 2
     time.sleep(1.0)  # both requests are in their denoising loops by now
     seen = len(server.supervisor.recoveries())
@@ -202,7 +216,7 @@ def test_orchestrator_kill_fails_only_the_request_it_held(server):
     errors = [o for o in outcomes.values() if isinstance(o, BaseException)]
     assert len(outcomes) == 2 and len(errors) == 1, outcomes
     assert is_retryable(errors[0]), errors[0]
-    assert wait_for(lambda: recovery_of(server, "sdxl_orchestrator", seen) is not None, RECOVERY_S, 0.5)
+    assert wait_for(lambda: recovery_of(server, "sdxl", seen) is not None, RECOVERY_S, 0.5)
 
     client = make_client("grpc", server.grpc_url)
     try:

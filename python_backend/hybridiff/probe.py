@@ -6,16 +6,16 @@ Readiness (:mod:`hybridiff.readiness`, the cheap check) says a model is down onc
 has unloaded it to bring it back; a request finds what readiness cannot see (a device that fails a
 pass, a family that cannot make an image). So the probe runs the readiness check on every model of
 each family, then sends one tiny request per family (1 step, the smallest size, ``cfg_parallel`` so the
-text encoder, the orchestrator, both denoisers of the pair and the VAE all run) and reads the
+text encoder, both denoisers of the pair and the VAE all run) and reads the
 response's schedule. It exits 0 when everything answered, 1 with one line per failure otherwise, so
 Kubernetes (an ``exec`` probe) or a person can use it as is. Plain ``urllib``: no client library,
 no torch import, quick to start in a busy pod.
 
 Families default to those of ``HYBRIDIFF_MODELS`` (``family=folder,...``, the container's setting, so
 the probe needs no admin endpoint in a pod), else to those the server's statistics list (every model
-``X`` with an ``X_orchestrator``);
-the models of a family are read from the server's own configs (the ensemble's steps and the
-orchestrator's ``denoisers`` parameter), so the probe checks what the server was configured with.
+``X`` with an ``X_text_encoder``); the models of a family are read from its public model's config (the
+``text_encoder``, ``denoisers`` and ``vae`` parameters), so the probe checks what the server was
+configured with.
 """
 
 from __future__ import annotations
@@ -72,15 +72,16 @@ def schedule_problems(family: str, schedule: dict[str, Any]) -> list[str]:
     return problems
 
 
+# The public model's parameters that name the internal models it calls (export/make_repository.py).
+CALLED_MODELS = ("text_encoder", "denoisers", "vae")
+
+
 def family_models(family: str, config: Callable[[str], dict[str, Any]]) -> list[str]:
-    """The ensemble and every model it runs, with the orchestrator's denoisers, from the server's configs."""
-    ensemble = config(family)
-    steps = ensemble.get("ensemble_scheduling", {}).get("step", [])
-    models = [family] + [step["model_name"] for step in steps]
-    for name in list(models):
-        parameters = config(name).get("parameters", {}) if name.endswith("_orchestrator") else {}
-        denoisers = parameters.get("denoisers", {}).get("string_value", "")
-        models += [d for d in denoisers.split(",") if d]
+    """The public model and every model it calls, from its config's parameters."""
+    parameters = config(family).get("parameters", {})
+    models = [family]
+    for key in CALLED_MODELS:
+        models += [m for m in parameters.get(key, {}).get("string_value", "").split(",") if m]
     return list(dict.fromkeys(models))
 
 
@@ -116,10 +117,10 @@ class Probe:
             raise ProbeError(f"{path}: not ready (HTTP {status}) {_error_text(payload)}".rstrip())
 
     def families(self) -> list[str]:
-        """Every model ``X`` with an ``X_orchestrator``, from the statistics API: open to anyone, unlike the
+        """Every model ``X`` with an ``X_text_encoder``, from the statistics API: open to anyone, unlike the
         repository index, which sits behind the admin key."""
         names = {entry["name"] for entry in self._json("/v2/models/stats").get("model_stats", [])}
-        return sorted(name for name in names if f"{name}_orchestrator" in names)
+        return sorted(name for name in names if f"{name}_text_encoder" in names)
 
     def config(self, model: str) -> dict[str, Any]:
         return self._json(f"/v2/models/{model}/config")

@@ -5,8 +5,8 @@
 Exit status 0 when the server and every model of the repository (or of ``--family``) answer ready,
 1 otherwise (naming the models that are not). Triton's own ``/v2/health/ready`` is not enough: with
 explicit model control it answers 200 again once a model has finished unloading, since an unloaded
-model no longer counts (measured on 2.51, docs/operations.md); the ensemble's ready endpoint does not
-look at its composing models either. The probe needs no admin key.
+model no longer counts (measured on 2.51, docs/operations.md); the public model's ready endpoint does
+not look at the models it calls either. The probe needs no admin key.
 """
 
 from __future__ import annotations

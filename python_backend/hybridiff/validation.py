@@ -1,7 +1,7 @@
 """What the internal models accept: every tensor held to what a public request could have produced.
 
-The public ensemble checks a request's parameters (:mod:`hybridiff.params`) and then builds every
-tensor its internal models exchange itself. A client that calls ``<family>_orchestrator``,
+The public model (the orchestrator) checks a request's parameters (:mod:`hybridiff.params`) and then
+builds every tensor its internal models exchange itself. A client that calls ``<family>_text_encoder``,
 ``<family>_denoiser_<i>`` or ``<family>_vae`` directly skips that, so each of those models checks
 its inputs here against the checkpoint's shapes (:class:`ModelShapes`) and the deployment's
 :class:`Limits` (which reach every model through its generated config parameters): no direct call
@@ -216,8 +216,10 @@ def check_stage(field: str, values: Sequence[int], batch: int, num_stages: int) 
 
 
 def check_text_conditioning(inputs: Mapping[str, Shape | None], shapes: ModelShapes, limits: Limits) -> int:
-    """The orchestrator's per-branch embeddings: each present, all with one batch of 1 to ``max_batch``
-    prompts (the uncond and cond branches row for row) and the checkpoint's shapes. Returns the batch."""
+    """The per-branch embeddings the text encoder answered the orchestrator (checked there, so that a wrong
+    answer is an error naming the tensor, not a failure deep in the loop): each present, all with one batch
+    of 1 to ``max_batch`` prompts (the uncond and cond branches row for row) and the checkpoint's shapes.
+    Returns the batch."""
     reference: tuple[str, int] | None = None
     for branch in (UNCOND, COND):
         for name, expected in shapes.text_outputs.items():

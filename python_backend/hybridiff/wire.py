@@ -1,7 +1,8 @@
 """Every tensor on the wire, defined once.
 
-The public request (inputs with their defaults and limits, outputs), the tensors between the internal
-models (text encoder, orchestrator, denoisers, VAE) and each family's own tensors live here. Everything
+The public request (inputs with their defaults and limits, outputs), the tensors between the public model
+(the orchestrator) and the internal models (text encoder, denoisers, VAE) and each family's own tensors
+live here. Everything
 that names a tensor derives from these tables: the repository generator (``export/make_repository.py``),
 the orchestrator's BLS requests and the denoiser's parsing (``triton/``), request validation
 (``params.py``), the client's fields (``client/generate.py``) and the README's request table
@@ -162,7 +163,8 @@ PROMPT_INPUTS = tuple(REQUEST[n] for n in ("PROMPT", "NEGATIVE_PROMPT"))
 
 
 def scalar_inputs() -> tuple[RequestInput, ...]:
-    """The request inputs the orchestrator reads (one value each); the prompts stop at the text encoder."""
+    """The request inputs of one value each; the prompts are the others (the public model counts them and
+    passes them on to the text encoder)."""
     return tuple(spec for spec in REQUEST_INPUTS if not spec.per_prompt)
 
 

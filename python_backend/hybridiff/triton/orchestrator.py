@@ -1,11 +1,14 @@
-"""Triton model ``<family>_orchestrator``: the BLS model that runs the denoising loop.
+"""Triton model ``<family>``, the public model: a BLS model that runs the whole request.
 
-It validates the request, then runs :func:`hybridiff.loop.denoise_image` with a transport whose
-devices are the ``<family>_denoiser_<i>`` models, called with ``async_exec`` so that work for
-different devices runs at the same time. Stale activations live here between steps, and every
-tensor that moves between devices passes through here. The loop asks the policy; this glue only
-reports the world to it (the in-flight board, which devices answer, cancellation, the deadline)
-and turns its outcome into responses.
+It validates the request, has ``<family>_text_encoder`` encode the prompts, runs
+:func:`hybridiff.loop.denoise_image` with a transport whose devices are the ``<family>_denoiser_<i>``
+models (called with ``async_exec``, so that work for different devices runs at the same time), and
+has ``<family>_vae`` decode the latents. Being the model the client called (not a step of an
+ensemble), it sees the client's cancellation and timeout. Stale activations live here between
+steps, and every tensor that moves between devices passes through here. The loop asks the policy;
+this glue only reports the world to it (the in-flight board, which devices answer, cancellation,
+the deadline) and turns its outcome into responses. A text encoder or VAE that is gone for a while
+(its stub died, the supervisor reloads it) is waited for (:mod:`hybridiff.outage`).
 """
 
 from __future__ import annotations
@@ -25,16 +28,21 @@ from ..families import get_family
 from ..families.base import DenoiseOutput, Family
 from ..inflight import InFlightBoard, Job, Occupancy, Snapshot, default_board_path, remove_dead_boards
 from ..loop import DenoiseTask, DeviceUnavailable, ImageRequest, RunHooks, denoise_image
-from ..params import InvalidParameter, parse_image_requests
+from ..outage import ModelGone, OutagePolicy, StillGone, call_through_outage
+from ..params import InvalidParameter, parse_image_requests, parse_prompts
 from ..schedule import COND, UNCOND, Mode, NoDeviceLeft
 from ..serving_defaults import read_serving_defaults
 from ..validation import check_text_conditioning, model_limits
-from .common import error_response, from_triton, input_array, input_tensor, model_context, to_triton
+from .common import error_response, from_triton, input_array, model_context, to_triton
 from .metrics import OrchestratorMetrics
 
 
 class DeviceError(RuntimeError):
-    """A denoiser model answered with an error that is not its device being gone (a bug, bad input)."""
+    """An internal model answered with an error that is not its being gone (a bug, bad input)."""
+
+
+class InputRefused(RuntimeError):
+    """The text encoder refused the request's input (e.g. an SD3 prompt over its token limit)."""
 
 
 class RunStopped(RuntimeError):
@@ -55,11 +63,61 @@ _GONE_MESSAGES = ("not healthy", "unknown model", "not found", "no available ver
 
 
 def device_gone(code: str, message: str) -> bool:
-    """Whether a denoiser error means its device is gone (fail over) rather than a bad request."""
+    """Whether an internal model's error means it is gone (fail over, or wait) rather than a bad request."""
     if code in _REQUEST_CODES:
         return False
     lowered = message.lower()
     return code in _GONE_CODES or any(pattern in lowered for pattern in _GONE_MESSAGES)
+
+
+def code_name(pb, code: int) -> str:
+    """The ``pb_utils.TritonError`` name of an error code."""
+    names = ("UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED", "ALREADY_EXISTS",
+             "CANCELLED")
+    return next((n for n in names if getattr(pb.TritonError, n, None) == code), "UNKNOWN")
+
+
+def check_request(request, deadline: float | None, before: str) -> None:
+    """Raise :class:`RunStopped` if the client cancelled ``request`` or its ``deadline`` passed (None: not
+    checked); ``before`` names what would have run next."""
+    if request.is_cancelled():
+        raise RunStopped("CANCELLED", f"request cancelled by the client; stopped before {before}")
+    if deadline is not None and time.monotonic() > deadline:
+        timeout_s = request.timeout() / 1e6
+        raise RunStopped(
+            "UNAVAILABLE",
+            f"deadline exceeded: the request's timeout of {timeout_s:g} s passed before {before} "
+            "(Request timeout expired); retry with a longer timeout or fewer steps",
+        )
+
+
+async def call_model(pb, model: str, inputs: list, outputs: list[str], fields: tuple[str, ...] = ()):
+    """One BLS call of an internal model; its reply, or :class:`ModelGone` when the model is gone,
+    :class:`InputRefused` when it refused one of the request's ``fields``, :class:`DeviceError` else."""
+    request = pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
+    try:
+        reply = await request.async_exec()
+    except pb.TritonModelException as err:  # the call itself failed (e.g. the model is gone)
+        code, message = "INTERNAL", str(err)
+    else:
+        if not reply.has_error():
+            return reply
+        code, message = code_name(pb, reply.error().code()), reply.error().message()
+    if input_refused(code, message, fields):
+        raise InputRefused(message)
+    if device_gone(code, message):
+        raise ModelGone(model, message)
+    raise DeviceError(f"{model}: {message}")
+
+
+def input_refused(code: str, message: str, fields: tuple[str, ...]) -> bool:
+    """Whether an internal model's error refuses one of the request's own ``fields`` (answer INVALID_ARG).
+
+    Our models' refusals name the field first (``InvalidParameter``: "PROMPT: ..."); the code alone does
+    not tell: Triton 2.51 did not pass the text encoder's INVALID_ARG on to the BLS caller (seen with an
+    SD3 prompt over 256 T5 tokens, tests/test_server_sd3.py).
+    """
+    return code == "INVALID_ARG" or any(message.startswith(f"{field}: ") for field in fields)
 
 
 class BLSTransport:
@@ -125,9 +183,7 @@ class BLSTransport:
         return DenoiseOutput(eps, {name: output(name) for name in exports}, compute_seconds, batched)
 
     def _code_name(self, code: int) -> str:
-        names = ("UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED", "ALREADY_EXISTS",
-                 "CANCELLED")
-        return next((n for n in names if getattr(self.pb.TritonError, n, None) == code), "UNKNOWN")
+        return code_name(self.pb, code)
 
     def _raise(self, device: int, code: str, message: str):
         text = f"{self.model_names[device]}: {message}"
@@ -144,15 +200,7 @@ class BoardHooks(RunHooks):
         self.occupancy, self.devices, self.request, self.deadline, self.log = occupancy, devices, request, deadline, log
 
     def check(self, step: int) -> None:
-        if self.request.is_cancelled():
-            raise RunStopped("CANCELLED", f"request cancelled by the client; stopped before step {step}")
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            timeout_s = self.request.timeout() / 1e6
-            raise RunStopped(
-                "UNAVAILABLE",
-                f"deadline exceeded: the request's timeout of {timeout_s:g} s passed before step {step} "
-                "(Request timeout expired); retry with a longer timeout or fewer steps",
-            )
+        check_request(self.request, self.deadline, f"step {step}")
 
     def loads(self) -> list[int]:
         return self.occupancy.loads()
@@ -190,6 +238,8 @@ class TritonPythonModel:
         self.shapes = self.family.model_shapes(context.checkpoint)
         self.limits = model_limits(params, self.shapes)
         self.defaults = read_serving_defaults(context.checkpoint, self.family.defaults, self.limits)
+        self.text_encoder, self.vae = params["text_encoder"], params["vae"]
+        self.outage = OutagePolicy()
         self.transport = BLSTransport(
             self.family,
             params["denoisers"].split(","),
@@ -251,23 +301,61 @@ class TritonPythonModel:
     async def execute(self, requests):
         return list(await asyncio.gather(*(self._execute_one(r) for r in requests)))
 
+    async def _call_through_outage(
+        self, model: str, inputs: list, outputs: list[str], request, deadline, before, fields: tuple[str, ...] = ()
+    ):
+        """A BLS call of the text encoder or the VAE, waited through an outage of that model; ``fields``: the
+        request's inputs it was passed, whose refusal is the client's error."""
+
+        def check_cancelled() -> None:
+            check_request(request, None, before)  # the deadline ends the wait with StillGone, naming the model
+
+        return await call_through_outage(
+            lambda: call_model(self.pb, model, inputs, outputs, fields), self.outage,
+            deadline=deadline, check_cancelled=check_cancelled,
+        )
+
+    async def _encode(self, request, deadline: float | None) -> dict[str, torch.Tensor]:
+        """The text encoder's per-branch embeddings (``uncond_<name>``, ``cond_<name>``) of the prompts."""
+        given = (self.pb.get_input_tensor_by_name(request, spec.name) for spec in wire.PROMPT_INPUTS)
+        inputs = [tensor for tensor in given if tensor is not None]  # the request's own tensors, passed on
+        names = [t.name for t in self.family.wire.branch_outputs()]
+        fields = tuple(spec.name for spec in wire.PROMPT_INPUTS)
+        reply = await self._call_through_outage(
+            self.text_encoder, inputs, names, request, deadline, "encoding the prompts", fields
+        )
+        embeds = {name: from_triton(self.pb.get_output_tensor_by_name(reply, name)).clone() for name in names}
+        try:
+            check_text_conditioning({n: tuple(t.shape) for n, t in embeds.items()}, self.shapes, self.limits)
+        except InvalidParameter as err:
+            raise DeviceError(f"{self.text_encoder} answered unexpected embeddings: {err}") from err
+        return embeds
+
+    async def _decode(self, latents: torch.Tensor, request, deadline: float | None):
+        """The VAE's images (a Triton tensor) of the latents."""
+        inputs = [to_triton(wire.LATENTS.name, latents)]
+        reply = await self._call_through_outage(
+            self.vae, inputs, [wire.IMAGE.name], request, deadline, "decoding the latents"
+        )
+        image = from_triton(self.pb.get_output_tensor_by_name(reply, wire.IMAGE.name))
+        return to_triton(wire.IMAGE.name, image.clone())
+
     async def _execute_one(self, request):
         timeout_us = request.timeout()
         deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
         refused = await admit(self.board.loads, self.queues, request.timeout())
         if refused is not None:
             return error_response(refused, "UNAVAILABLE")
-        names = [t.name for t in self.family.wire.branch_outputs()]
-        embeds = {name: input_tensor(request, name) for name in names}
         try:
-            shapes = {name: None if t is None else tuple(t.shape) for name, t in embeds.items()}
-            batch = check_text_conditioning(shapes, self.shapes, self.limits)
+            prompts, _ = parse_prompts(*(input_array(request, spec.name) for spec in wire.PROMPT_INPUTS), self.limits)
             scalars = {spec.name: input_array(request, spec.name) for spec in wire.scalar_inputs()}
-            image_requests = parse_image_requests(scalars, self.defaults, self.limits, batch)
+            image_requests = parse_image_requests(scalars, self.defaults, self.limits, len(prompts))
         except InvalidParameter as err:
             return error_response(str(err))
         latents, schedules = [], []
         try:
+            check_request(request, deadline, "encoding the prompts")
+            embeds = await self._encode(request, deadline)
             for i, image_request in enumerate(image_requests):
                 branch_cond = {
                     branch: {
@@ -278,15 +366,21 @@ class TritonPythonModel:
                 image_latents, summary = await self._denoise_placed(image_request, branch_cond, request, deadline)
                 latents.append(image_latents)
                 schedules.append(json.dumps(summary))
+            # Only a cancel stops a finished run here: the deadline bounds the waiting, not the decoding.
+            check_request(request, None, "decoding the latents")
+            image = await self._decode(torch.cat(latents), request, deadline)
+        except InputRefused as err:
+            return error_response(str(err), "INVALID_ARG")
         except DeviceError as err:
             return error_response(str(err), "INTERNAL")
         except NoDeviceLeft as err:
             return error_response(
                 f"no {self.family.name} denoiser device is up ({err}); retry once a device is back", "UNAVAILABLE"
             )
+        except StillGone as err:
+            return error_response(str(err), "UNAVAILABLE")
         except RunStopped as err:
+            self.pb.Logger.log_info(f"{self.family.name}: {err}")
             return error_response(str(err), err.code)
         schedule_tensor = self.pb.Tensor(wire.SCHEDULE.name, np.array(schedules, dtype=object))
-        return self.pb.InferenceResponse(
-            output_tensors=[to_triton(wire.LATENTS.name, torch.cat(latents)), schedule_tensor]
-        )
+        return self.pb.InferenceResponse(output_tensors=[image, schedule_tensor])
