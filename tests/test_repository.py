@@ -100,10 +100,10 @@ def test_sd3_alone_or_beside_sdxl_gets_its_own_models_and_wire_tensors(tmp_path)
 
 
 def test_committed_repository_is_what_make_repository_writes(tmp_path):
-    """model_repository/ in git is `make repository` output (the built-in models: the trained SDXL, the small SD3,
-    side by side on 2 CPU devices)."""
+    """model_repository/ in git is `make repository` output (the built-in models: the trained SDXL and SD3 shape
+    models, side by side on 2 CPU devices)."""
     out = tmp_path / "model_repository"
-    write_repository(out, {"sdxl": tmp_path / "models" / "sdxl-shapes", "sd3": tmp_path / "checkpoints" / "sd3-small"},
+    write_repository(out, {"sdxl": tmp_path / "models" / "sdxl-shapes", "sd3": tmp_path / "models" / "sd3-shapes"},
                      Deployment(devices=2))
     for path in sorted(out.rglob("*")):
         if path.is_file():
