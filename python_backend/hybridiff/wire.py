@@ -132,7 +132,8 @@ class RequestInput:
 
 REQUEST_INPUTS: tuple[RequestInput, ...] = (
     RequestInput("PROMPT", BYTES, "text prompt(s), one image each", low=1, high="max_batch", per_prompt=True,
-                 note="SD3: at most the checkpoint's T5 length each (256; built-in model 32)", shown_default="required"),
+                 note="SD3: at most the checkpoint's T5 length each (256; built-in model 32)",
+                 shown_default="required"),
     RequestInput("NEGATIVE_PROMPT", BYTES, "negative prompt(s)", per_prompt=True,
                  note="1, or one per prompt; SD3: at most the T5 length each",
                  shown_default="absent: zero embeddings, as diffusers does"),
