@@ -91,18 +91,26 @@ def check_request(request, deadline: float | None, before: str) -> None:
         )
 
 
+async def bls_exec(pb, request) -> tuple[object | None, str, str]:
+    """Run one BLS request: ``(reply, "", "")``, or ``(None, code name, message)`` when it failed, whether the
+    call itself raised (e.g. the model is gone) or the model answered an error."""
+    try:
+        reply = await request.async_exec()
+    except pb.TritonModelException as err:
+        return None, "INTERNAL", str(err)
+    if reply.has_error():
+        return None, code_name(pb, reply.error().code()), reply.error().message()
+    return reply, "", ""
+
+
 async def call_model(pb, model: str, inputs: list, outputs: list[str], fields: tuple[str, ...] = ()):
     """One BLS call of an internal model; its reply, or :class:`ModelGone` when the model is gone,
     :class:`InputRefused` when it refused one of the request's ``fields``, :class:`DeviceError` else."""
-    request = pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
-    try:
-        reply = await request.async_exec()
-    except pb.TritonModelException as err:  # the call itself failed (e.g. the model is gone)
-        code, message = "INTERNAL", str(err)
-    else:
-        if not reply.has_error():
-            return reply
-        code, message = code_name(pb, reply.error().code()), reply.error().message()
+    reply, code, message = await bls_exec(
+        pb, pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
+    )
+    if reply is not None:
+        return reply
     if input_refused(code, message, fields):
         raise InputRefused(message)
     if device_gone(code, message):
@@ -167,12 +175,12 @@ class BLSTransport:
             kwargs["preferred_memory"] = memory
         model = self.model_names[device]
         request = self.pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=requested, **kwargs)
-        try:
-            reply = await request.async_exec()
-        except self.pb.TritonModelException as err:  # the call itself failed (e.g. the model is gone)
-            self._raise(device, "INTERNAL", str(err))
-        if reply.has_error():
-            self._raise(device, self._code_name(reply.error().code()), reply.error().message())
+        reply, code, message = await bls_exec(self.pb, request)
+        if reply is None:
+            text = f"{model}: {message}"
+            if device_gone(code, message):
+                raise DeviceUnavailable(device, text)
+            raise DeviceError(text)
 
         def output(name: str) -> torch.Tensor:
             return from_triton(self.pb.get_output_tensor_by_name(reply, name))
@@ -181,15 +189,6 @@ class BLSTransport:
         compute_seconds = float(output(wire.COMPUTE_SECONDS.name).reshape(-1)[0])
         batched = int(output(wire.BATCHED_REQUESTS.name).reshape(-1)[0])
         return DenoiseOutput(eps, {name: output(name) for name in exports}, compute_seconds, batched)
-
-    def _code_name(self, code: int) -> str:
-        return code_name(self.pb, code)
-
-    def _raise(self, device: int, code: str, message: str):
-        text = f"{self.model_names[device]}: {message}"
-        if device_gone(code, message):
-            raise DeviceUnavailable(device, text)
-        raise DeviceError(text)
 
 
 class BoardHooks(RunHooks):
@@ -296,7 +295,6 @@ class TritonPythonModel:
                    "deadline_left_s": None if seconds_left is None else round(seconds_left, 3)}
         self.metrics.record(summary)
         return latents, summary
-
 
     async def execute(self, requests):
         return list(await asyncio.gather(*(self._execute_one(r) for r in requests)))
