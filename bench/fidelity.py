@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.quality import psnr, ssim
+from bench.quality import psnr, psnr_pooled, ssim
 
 ABLATION_K = (0, 5, 10, 20, 30)
 FROZEN = " (frozen stage-1 feed)"
@@ -119,14 +119,6 @@ def summarize(prompts: list[str], results: dict, ideal_latency) -> dict:
         if correct != label:  # what the reference's bug changes: the same run with the correct feed
             rows[label]["psnr_vs_correct_feed_db"] = psnr_pooled(results[correct]["images"], got["images"])
     return rows
-
-
-def psnr_pooled(references: list[np.ndarray], images: list[np.ndarray]) -> float:
-    """PSNR of the mean squared error over all images (one identical pair does not make it infinite)."""
-    errors = [np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-              for a, b in zip(references, images, strict=True)]
-    pooled = float(np.mean(errors))
-    return float("inf") if pooled == 0 else float(10 * np.log10(255.0**2 / pooled))
 
 
 def _pct(value: float) -> str:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bench.quality import psnr, ssim
+from bench.quality import psnr, psnr_pooled, ssim
 
 
 def test_identical_images():
@@ -25,3 +25,10 @@ def test_ssim_falls_with_noise_and_is_symmetric():
     assert ssim(image, heavy) == pytest.approx(ssim(heavy, image))
     with pytest.raises(ValueError, match="shapes differ"):
         ssim(image, image[:32])
+
+
+def test_psnr_pools_the_error_over_images() -> None:
+    a = [np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint8)]
+    b = [np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)]
+    assert psnr_pooled(a, a) == float("inf")
+    assert abs(psnr_pooled(a, b) - 10 * np.log10(2)) < 1e-9  # half the pixels off by 255

@@ -66,6 +66,7 @@ def compare_modes(family: str, folder: Path, modes: Sequence[str], steps: int | 
     PSNR against ``serial`` (of the mean squared error over all images), and where tau1 came from."""
     import dataclasses
 
+    from bench.quality import psnr_pooled
     from hybridiff.local import LocalPipeline
     from hybridiff.loop import ImageRequest
     from hybridiff.schedule import Mode
@@ -83,11 +84,7 @@ def compare_modes(family: str, folder: Path, modes: Sequence[str], steps: int | 
             image, report, _ = pipe.generate(prompt, dataclasses.replace(base, seed=1000 + i, mode=Mode(mode)))
             images[mode].append(image)
             sources.append(str(report.schedule.get("tau_source")))
-        errors = [np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-                  for a, b in zip(images[mode], images["serial"], strict=True)]
-        mse = float(np.mean(errors))  # pooled over the images, so one identical image does not make it infinite
-        psnr = float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
-        results[mode] = {**score(images[mode], prompts), "psnr_vs_serial": psnr,
+        results[mode] = {**score(images[mode], prompts), "psnr_vs_serial": psnr_pooled(images["serial"], images[mode]),
                          "tau_source": {s: sources.count(s) for s in set(sources)}}
     return results
 

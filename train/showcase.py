@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.quality import psnr_pooled
 from train.data import HELD_OUT_COMBINATIONS, caption
 
 SCALE = 2  # each 64x64 image drawn at 128x128
@@ -45,12 +46,6 @@ def draw(family: str, folder: Path, prompts: Sequence[str], seed: int = 2026) ->
             schedules.append(report.schedule)
         rows[mode.value] = (images, schedules)
     return rows
-
-
-def psnr(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
-    mse = float(np.mean([np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2) for x, y in zip(a, b,
-                                                                                                      strict=True)]))
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
 def compose(rows: list[tuple[str, list[np.ndarray]]], prompts: Sequence[str]) -> np.ndarray:
@@ -90,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         drawn = draw(family, Path(folder), prompts)
         serial, hybrid = drawn["serial"][0], drawn["hybrid"][0]
         slope = sum(s.get("tau_source") == "slope" for s in drawn["hybrid"][1])
-        print(f"{family} ({folder}): hybrid vs serial {psnr(hybrid, serial):.1f} dB; tau1 by the slope for "
+        print(f"{family} ({folder}): hybrid vs serial {psnr_pooled(serial, hybrid):.1f} dB; tau1 by the slope for "
               f"{slope} of {len(prompts)}", flush=True)
         rows += [(f"{family.upper()}\nserial", serial), (f"{family.upper()}\nhybrid", hybrid)]
     from PIL import Image
