@@ -76,12 +76,12 @@ train: setup
 make_repository = $(PY) -m export.make_repository --out $(1) --model sdxl=$(2) --model sd3=$(3) \
 	--devices $(DEVICES) --kind $(KIND) \
 	--queue-size $(QUEUE_SIZE) --start-timeout-us $(START_TIMEOUT_US) --max-per-device $(MAX_PER_DEVICE)
-repository: checkpoints
+repository: setup checkpoints
 	$(call make_repository,model_repository,$(SDXL_MODEL),$(SD3_MODEL))
 
 # The repository the speed measurements serve: the random SPEED_SIZE checkpoints of both families.
 SPEED_REPOSITORY := build/speed-repository
-speed-repository: checkpoints/sdxl-$(SPEED_SIZE)/model_index.json checkpoints/sd3-$(SPEED_SIZE)/model_index.json
+speed-repository: setup checkpoints/sdxl-$(SPEED_SIZE)/model_index.json checkpoints/sd3-$(SPEED_SIZE)/model_index.json
 	$(call make_repository,$(SPEED_REPOSITORY),checkpoints/sdxl-$(SPEED_SIZE),checkpoints/sd3-$(SPEED_SIZE))
 
 serve: repository
