@@ -283,22 +283,29 @@ def probe_every_mode(http_url: str, family: str, fields: dict, deadline: float) 
     return True
 
 
-def cpu_ticks(pid: int) -> int:
-    """User and system CPU ticks of a process so far (0 once it is gone)."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time of all threads of a process so far (schedstat: nanoseconds, where stat's ticks are 10 ms, too
+    coarse for a front that only polls); 0 once it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0
-    return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    total = 0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
 
 
 def busiest(stubs: Sequence, window_s: float = 0.5):
     """The stub that used the most CPU over ``window_s`` (an instance holding a request, where one does; ties
     to the first instance): the one whose death costs a request, which is what the fault should test."""
     ordered = sorted(stubs, key=lambda s: s.instance)
-    before = {s.pid: cpu_ticks(s.pid) for s in ordered}
+    before = {s.pid: cpu_seconds(s.pid) for s in ordered}
     time.sleep(window_s)
-    return max(ordered, key=lambda s: cpu_ticks(s.pid) - before[s.pid])
+    return max(ordered, key=lambda s: cpu_seconds(s.pid) - before[s.pid])
 
 
 def inject(server, fault: Fault, fields: dict, limit_s: float) -> FaultRecord:
