@@ -15,12 +15,15 @@ from hybridiff.deadline import (
     learn,
     overlap_latency,
     place,
+    predict,
+    pushes_late,
+    refusal,
     running_from,
     view_of,
     yield_device,
 )
 from hybridiff.inflight import Snapshot
-from hybridiff.schedule import GuidanceSchedule, HybridKnobs, Mode, NoDeviceLeft
+from hybridiff.schedule import GuidanceSchedule, HybridKnobs, Mode, NoDeviceLeft, Placement
 
 COSTS = Costs(step_s=0.1, parallel_speedup=1.6, batch_gain=1.5)  # 20 steps alone: 2.0 s serial, 1.25 s split
 KNOBS = HybridKnobs(window=3, eps_slope=0.4e-3, k=4, tau_cap=10)
@@ -189,3 +192,63 @@ def test_without_numbers_the_yield_follows_the_count_rule():
     assert yield_device(hybrid_run(), 4, BoardView([2, 1], None, None, None)) == 1
     explicit = GuidanceSchedule(Mode.HYBRID, 20, KNOBS, guidance=True)
     assert yield_device(explicit, 4, BoardView([2, 1], split(16), [serial(0, 20, 2.2)], COSTS)) is None
+
+
+# --- admission by deadline: refuse what cannot finish in time, protect what runs -----------------------
+
+
+def test_a_newcomer_that_would_make_a_running_request_late_is_placed_where_it_does_not():
+    # Device 0 runs a request with 10 steps left (1.0 s) and 1.1 s to its deadline: a newcomer beside it
+    # (2.0 s of work) would slow it to 1.33 s. Device 1's request has no deadline to miss.
+    tight = Running((0,), 1.0, deadline_s=1.1)
+    loose = Running((1,), 1.0)
+    assert pushes_late((0,), 2.0, [tight, loose], COSTS) == [tight]
+    assert pushes_late((1,), 2.0, [tight, loose], COSTS) == []
+    choice = choose(20, deadline_s=5.0, running=[tight, loose], costs=COSTS, num_devices=2)
+    assert choice.mode is Mode.SERIAL and choice.devices == (1,) and choice.meets
+
+
+def test_a_request_already_late_is_not_protected():
+    late = Running((0,), 1.0, deadline_s=0.8)  # misses its deadline whatever happens
+    assert pushes_late((0,), 2.0, [late], COSTS) == []
+
+
+def test_nothing_that_meets_the_deadline_without_harm_is_marked_and_refused():
+    # Both devices run requests that a newcomer would make late; serial alone would meet its own deadline.
+    running = [Running((0,), 1.0, deadline_s=1.1), Running((1,), 1.0, deadline_s=1.1)]
+    choice = choose(20, deadline_s=5.0, running=running, costs=COSTS, num_devices=2)
+    assert not choice.meets
+    reason = refusal(choice, 5.0)
+    assert reason is not None and reason.startswith("server full") and "timeout" in reason
+    # Without a deadline the newcomer is never refused, and is served as before.
+    assert choose(20, None, running, COSTS, 2).meets
+    assert refusal(choose(20, None, running, COSTS, 2), None) is None
+
+
+def test_a_deadline_shorter_than_the_fastest_placement_is_refused_even_on_idle_devices():
+    choice = choose(20, deadline_s=1.0, running=[], costs=COSTS, num_devices=2)  # hybrid alone: 1.25 s
+    assert choice.mode is Mode.HYBRID and not choice.meets
+    decided = place(Mode.AUTO, True, 20, 1.0, COSTS, [], [0, 0])
+    assert decided.refused is not None
+    assert place(Mode.AUTO, True, 20, 1.0, COSTS, [], [0, 0], admit_by_deadline=False).refused is None
+    assert place(Mode.AUTO, True, 20, 1.5, COSTS, [], [0, 0]).refused is None
+
+
+def test_explicit_modes_are_refused_by_their_own_placements_prediction():
+    # Serial alone takes 2.0 s: refused with 1.5 s left, served with 2.5 s; cfg_parallel (1.25 s) fits 1.5 s.
+    assert place(Mode.SERIAL, True, 20, 1.5, COSTS, [], [0, 0]).refused is not None
+    served = place(Mode.SERIAL, True, 20, 2.5, COSTS, [], [0, 0])
+    assert served.refused is None and served.rule == "count" and served.predicted_s == pytest.approx(2.0)
+    assert place(Mode.CFG_PARALLEL, True, 20, 1.5, COSTS, [], [0, 0]).refused is None
+    # The count rule places a serial request on device 0 beside a request it would make late: refused.
+    running = [Running((0,), 1.0, deadline_s=1.1), Running((1,), 1.0, deadline_s=1.1)]
+    assert place(Mode.SERIAL, True, 20, 5.0, COSTS, running, [1, 1]).refused is not None
+    # Without numbers (no estimate for the size yet) nothing is refused.
+    assert place(Mode.SERIAL, True, 20, 0.1, None, None, [0, 0]).refused is None
+
+
+def test_predict_prices_an_explicit_placement_on_the_current_load():
+    placement = Placement(Mode.CFG_PARALLEL, 0, (0, 1))
+    choice = predict(placement, 20, None, [Running((1,), 3.0)], COSTS)
+    assert choice.devices == (0, 1) and choice.meets
+    assert choice.predicted_s == pytest.approx(overlap_latency(1.25, [3.0], COSTS))

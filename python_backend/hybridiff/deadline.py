@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .admission import FULL
 from .schedule import GuidanceSchedule, Mode, NoDeviceLeft, Placement, may_yield, place_request
 from .schedule import yield_device as yield_device_by_count
 
@@ -124,9 +125,13 @@ def running_from(
 
 @dataclass(frozen=True)
 class Choice:
+    """A placement with its predicted latency; ``meets``: it meets the newcomer's deadline without pushing a
+    running request past its own (always True without a deadline)."""
+
     mode: Mode
     devices: tuple[int, ...]
     predicted_s: float
+    meets: bool = True
 
 
 def overlap_latency(own_s: float, neighbours_s: list[float], costs: Costs) -> float:
@@ -153,6 +158,27 @@ def _yields_to(run: Running, newcomer_s: float, deadline_s: float | None, costs:
     return run.may_yield and len(set(run.devices)) == 2 and give_back(run.remaining_s, newcomer_s, deadline_s, costs)
 
 
+def pushes_late(devices: Sequence[int], own_s: float, running: Sequence[Running], costs: Costs,
+                spared: Sequence[Running] = ()) -> list[Running]:
+    """The running requests that a newcomer with ``own_s`` seconds of solo work on ``devices`` would push
+    past their deadlines: each one sharing a device with it is slowed for as long as both run, and counts
+    if it meets its deadline now and would not then. ``spared``: runs that give the device back instead.
+
+    Admitted requests come first: a newcomer that would make one of them late is placed elsewhere or
+    refused (:func:`choose`), so an overload costs the newcomers, not the requests half done.
+    """
+    late = []
+    for run in running:
+        if run.deadline_s is None or any(run is s for s in spared) or not set(devices) & set(run.devices):
+            continue
+        others = [o.remaining_s for o in running if o is not run and set(o.devices) & set(run.devices)]
+        now = overlap_latency(run.remaining_s, others, costs)
+        slowed = now + costs.overlap_cost * min(own_s, run.remaining_s)
+        if now <= run.deadline_s < slowed:
+            late.append(run)
+    return late
+
+
 def choose(
     steps: int,
     deadline_s: float | None,
@@ -167,48 +193,86 @@ def choose(
     Both least busy devices idle: ``hybrid``. Otherwise serial on the device that finishes it first,
     if that meets the deadline (a split auto run there that would give the device back, by
     :func:`give_back`, is not counted); else both least busy devices (``cfg_parallel``) if that does;
-    else whichever is predicted fastest. Only devices that are ``up`` are chosen; ties go to less
-    work left, then to the lower index.
+    else whichever is predicted fastest, marked as not meeting it. A placement that would push a
+    running request past its deadline (:func:`pushes_late`) does not count as meeting it. Only devices
+    that are ``up`` are chosen; ties go to less work left, then to the lower index.
     """
     candidates = [d for d in range(num_devices) if up is None or up[d]]
     if not candidates:
         raise NoDeviceLeft(f"all {num_devices} devices are down")
     own_s = steps * costs.step_s
+    yielding = [r for r in running if _yields_to(r, own_s, deadline_s, costs)]
 
     def neighbours(device: int, alone_here: bool) -> list[float]:
         return [r.remaining_s for r in running
-                if device in r.devices and not (alone_here and _yields_to(r, own_s, deadline_s, costs))]
+                if device in r.devices and not (alone_here and any(r is y for y in yielding))]
+
+    def option(mode: Mode, devices: tuple[int, ...], work_s: float, alone_here: bool) -> Choice:
+        predicted = max(overlap_latency(work_s, neighbours(d, alone_here), costs) for d in devices)
+        if deadline_s is None:
+            return Choice(mode, devices, predicted)
+        spared = yielding if alone_here else ()
+        meets = predicted <= deadline_s and not pushes_late(devices, work_s, running, costs, spared)
+        return Choice(mode, devices, predicted, meets)
 
     # Equal predictions (e.g. neighbours all longer than this request, or batching that looks free)
     # go to the device with less work left, then the lower index.
-    serial = min(
-        (Choice(Mode.SERIAL, (d,), overlap_latency(own_s, neighbours(d, True), costs)) for d in candidates),
-        key=lambda c: (c.predicted_s, sum(neighbours(c.devices[0], True)), c.devices),
-    )
+    serials = [option(Mode.SERIAL, (d,), own_s, True) for d in candidates]
+    serial = min(serials, key=lambda c: (not c.meets, c.predicted_s, sum(neighbours(c.devices[0], True)), c.devices))
     if not guidance or len(candidates) < 2:
         return serial
     order = sorted(candidates, key=lambda d: (sum(neighbours(d, False)), d))
     pair = (min(order[:2]), max(order[:2]))
     split_s = own_s / costs.parallel_speedup
     if not neighbours(pair[0], False) and not neighbours(pair[1], False):
-        return Choice(Mode.HYBRID, pair, split_s)
-    parallel = Choice(
-        Mode.CFG_PARALLEL, pair, max(overlap_latency(split_s, neighbours(d, False), costs) for d in pair)
-    )
-    if deadline_s is None or serial.predicted_s <= deadline_s:
+        return option(Mode.HYBRID, pair, split_s, False)
+    parallel = option(Mode.CFG_PARALLEL, pair, split_s, False)
+    if deadline_s is None or serial.meets:
         return serial
-    if parallel.predicted_s <= deadline_s:
+    if parallel.meets:
         return parallel
     return min((serial, parallel), key=lambda c: (c.predicted_s, len(c.devices)))
 
 
+def predict(placement: Placement, steps: int, deadline_s: float | None, running: Sequence[Running],
+            costs: Costs) -> Choice:
+    """The latency of an explicit placement on this load, and whether it meets ``deadline_s`` as :func:`choose`
+    counts it (its own deadline, and no running request pushed past its own)."""
+    own_s = steps * costs.step_s
+    devices = placement.devices
+    work_s = own_s / costs.parallel_speedup if len(devices) == 2 else own_s
+    predicted = max(
+        overlap_latency(work_s, [r.remaining_s for r in running if d in r.devices], costs) for d in devices
+    )
+    meets = deadline_s is None or (predicted <= deadline_s and not pushes_late(devices, work_s, running, costs))
+    return Choice(placement.mode, devices, predicted, meets)
+
+
+def refusal(choice: Choice, deadline_s: float | None) -> str | None:
+    """Why a request is refused at once instead of started, or None to start it.
+
+    A request whose timeout no placement can meet on the current load would be stopped at that deadline
+    with its work wasted, or would take the devices from requests that can still meet theirs: it is
+    refused now, with the same retryable answer as a full queue.
+    """
+    if choice.meets or deadline_s is None:
+        return None
+    return (
+        f"{FULL}: the request cannot finish within its timeout on the current load ({max(deadline_s, 0):.2f} s "
+        f"left, {choice.predicted_s:.2f} s predicted, or a running request would be made late); "
+        "retry later or with a longer timeout"
+    )
+
+
 @dataclass(frozen=True)
 class Decision:
-    """A placement and what it was decided by: ``rule`` "deadline" (with the prediction) or "count"."""
+    """A placement and what it was decided by: ``rule`` "deadline" (with the prediction) or "count";
+    ``refused``: why it must not start (:func:`refusal`), None to start it."""
 
     placement: Placement
     rule: str
     predicted_s: float | None = None
+    refused: str | None = None
 
 
 def place(
@@ -220,18 +284,28 @@ def place(
     running: Sequence[Running] | None,
     loads: list[int],
     up: Sequence[bool] | None = None,
+    admit_by_deadline: bool = True,
 ) -> Decision:
     """Where a request runs: ``auto`` by :func:`choose` when the board has the numbers (``costs`` for
-    the request's size, ``running`` for every job), every other case by ``place_request``'s count rule."""
+    the request's size, ``running`` for every job), every other case by ``place_request``'s count rule.
+
+    With the numbers and a deadline, ``admit_by_deadline`` refuses (``Decision.refused``) a request of any
+    mode that its placement cannot finish in time without making a running request late.
+    """
     counted = place_request(mode, loads, guidance, up)
-    if mode is not Mode.AUTO or costs is None or running is None:
+    if costs is None or running is None:
         return Decision(counted, "count")
+    if mode is not Mode.AUTO:
+        predicted = predict(counted, steps, deadline_s, running, costs)
+        refused = refusal(predicted, deadline_s) if admit_by_deadline else None
+        return Decision(counted, "count", predicted.predicted_s, refused)
     choice = choose(steps, deadline_s, running, costs, len(loads), guidance, up)
     if choice.mode is Mode.SERIAL:
         placement = Placement(Mode.SERIAL, choice.devices[0], counted.pair, guidance)
     else:
         placement = Placement(choice.mode, choice.devices[0], (choice.devices[0], choice.devices[1]), guidance)
-    return Decision(placement, "deadline", choice.predicted_s)
+    refused = refusal(choice, deadline_s) if admit_by_deadline else None
+    return Decision(placement, "deadline", choice.predicted_s, refused)
 
 
 @dataclass(frozen=True)
