@@ -11,7 +11,8 @@ from hybridiff.deadline import (
     StepSample,
     choose,
     costs_from,
-    give_back,
+    grow_device,
+    keeps_pair,
     learn,
     overlap_latency,
     place,
@@ -21,11 +22,14 @@ from hybridiff.deadline import (
     running_from,
     view_of,
     yield_device,
+    yields,
 )
 from hybridiff.inflight import Snapshot
 from hybridiff.schedule import GuidanceSchedule, HybridKnobs, Mode, NoDeviceLeft, Placement
 
 COSTS = Costs(step_s=0.1, parallel_speedup=1.6, batch_gain=1.5)  # 20 steps alone: 2.0 s serial, 1.25 s split
+# Splitting no faster than serial: nothing grows onto an idle device, so serial choices are priced alone.
+NO_GROW = Costs(step_s=0.1, parallel_speedup=1.0, batch_gain=1.5)
 KNOBS = HybridKnobs(window=3, eps_slope=0.4e-3, k=4, tau_cap=10)
 
 
@@ -46,7 +50,7 @@ def test_two_idle_devices_are_split():
 def test_equal_predictions_go_to_the_device_with_less_work_left():
     # Both neighbours outlast the newcomer (equal overlap), or batching looks free (batch gain 2).
     assert choose(20, None, [serial(0, 60), serial(1, 30)], COSTS, 2).devices == (1,)
-    free = Costs(step_s=0.1, batch_gain=2.0)
+    free = Costs(step_s=0.1, parallel_speedup=1.0, batch_gain=2.0)
     running = [Running((0,), 6.0), Running((1,), 0.5)]
     assert choose(20, None, running, free, 2).devices == (1,)
 
@@ -59,16 +63,17 @@ def test_no_guidance_or_one_device_runs_serial():
 def test_a_busy_pair_gets_serial_on_the_device_that_finishes_it_first_when_that_meets_the_deadline():
     # Device 0 runs a request with 15 steps left, device 1 one with 2 steps left: device 1 is better,
     # although both run one request (the count rule would take device 0).
-    choice = choose(20, deadline_s=3.0, running=[serial(0, 15), serial(1, 2)], costs=COSTS, num_devices=2)
+    choice = choose(20, deadline_s=3.0, running=[serial(0, 15), serial(1, 2)], costs=NO_GROW, num_devices=2)
     assert choice.mode is Mode.SERIAL and choice.devices == (1,)
     assert choice.predicted_s == pytest.approx(2.0 + (2 / 1.5 - 1) * 0.2)
 
 
 def test_both_devices_when_serial_would_miss_and_splitting_would_not():
-    # Each device has a short neighbour; serial (about 2.07 s) misses a 1.5 s deadline, splitting makes it.
-    choice = choose(20, deadline_s=1.5, running=[serial(0, 2), serial(1, 2)], costs=COSTS, num_devices=2)
+    # Each device has a neighbour with 0.8 s left; serial misses a 1.55 s deadline even growing onto the
+    # first device to free (0.8 s, then split: 1.61 s), splitting now (1.52 s) makes it.
+    choice = choose(20, deadline_s=1.55, running=[serial(0, 8), serial(1, 8)], costs=COSTS, num_devices=2)
     assert choice.mode is Mode.CFG_PARALLEL and choice.devices == (0, 1)
-    assert choice.predicted_s <= 1.5
+    assert choice.predicted_s == pytest.approx(1.25 + 0.8 / 3)
 
 
 def test_nothing_meets_the_deadline_takes_the_fastest():
@@ -93,13 +98,26 @@ def test_ties_go_to_the_lower_device_and_down_devices_are_never_chosen():
 
 
 def test_a_split_run_that_would_give_a_device_back_is_not_counted_against_the_newcomer():
-    # The split run has 16 steps left (1.0 s at two-device speed); a newcomer with a 2.2 s deadline would
-    # miss it sharing (2.33 s) and meet it alone: the run yields, so the newcomer goes serial, predicted alone.
+    # The split run has 16 steps left (1.0 s at two-device speed): it yields, going on serially (1.6 s)
+    # on the other device, so the newcomer is priced alone there, then grown onto both: 1.6 + 0.4 / 1.6.
     choice = choose(20, 2.2, [split(16)], COSTS, 2)
-    assert choice.mode is Mode.SERIAL and choice.predicted_s == pytest.approx(2.0)
-    # An explicit hybrid (cannot yield) is counted: serial beside it would miss, so both devices, shared.
+    assert choice.mode is Mode.SERIAL and choice.predicted_s == pytest.approx(1.85)
+    # An explicit hybrid (cannot yield) is counted: sharing device 0 for its 1.0 s (2.0 + 1/3 s alone there),
+    # then split over both once it ends.
     pinned = choose(20, 2.2, [split(16, may_yield=False)], COSTS, 2)
-    assert pinned.mode is Mode.CFG_PARALLEL and 2.0 > pinned.predicted_s
+    shared = 2.0 + 1.0 / 3
+    assert pinned.mode is Mode.SERIAL
+    assert pinned.predicted_s == pytest.approx(1.0 + 2.0 * (1 - 1.0 / shared) / 1.6)
+
+
+def test_a_serial_newcomer_is_priced_with_growing_onto_the_first_device_to_free():
+    # Device 1 frees after 0.5 s: 0.5 s serial, then the other 1.5 s of work split (1.6x): 1.44 s in all.
+    choice = choose(20, 1.5, [serial(0, 60), serial(1, 5)], Costs(step_s=0.1, batch_gain=2.0), 2)
+    assert choice.mode is Mode.SERIAL and choice.devices == (0,)
+    assert choice.predicted_s == pytest.approx(0.5 + 1.5 / 1.6) and choice.meets
+    # Splitting measured no faster: no growth, 2.0 s on either device, the 1.5 s deadline missed.
+    assert not choose(20, 1.5, [serial(0, 60), serial(1, 5)], Costs(step_s=0.1, parallel_speedup=1.0,
+                                                                     batch_gain=2.0), 2).meets
 
 
 def test_overlap_counts_only_the_time_both_run():
@@ -108,13 +126,15 @@ def test_overlap_counts_only_the_time_both_run():
     assert overlap_latency(2.0, [10.0], COSTS) == pytest.approx(2.0 + 2.0 / 3)
 
 
-def test_a_split_run_gives_a_device_back_only_when_that_saves_the_newcomers_deadline():
-    # Newcomer: 20 steps (2.0 s alone). The split run has 16 steps left (1.0 s at its two-device speed).
-    assert give_back(1.0, 2.0, newcomer_deadline_s=2.2, costs=COSTS)  # shared: 2.33 s > 2.2 >= 2.0
-    assert not give_back(1.0, 2.0, newcomer_deadline_s=3.0, costs=COSTS)  # meets it anyway
-    assert not give_back(1.0, 2.0, newcomer_deadline_s=1.5, costs=COSTS)  # misses it anyway
-    assert not give_back(COSTS.seconds(1, 2), 2.0, newcomer_deadline_s=2.05, costs=COSTS)  # almost done
-    assert give_back(1.0, 2.0, newcomer_deadline_s=None, costs=COSTS)  # no deadline: give way, as before
+def test_a_split_run_keeps_both_devices_only_when_going_on_serially_would_make_it_late():
+    # 1.0 s left at its two-device speed is 1.6 s serially.
+    assert not keeps_pair(Running((0, 1), 1.0, None, True), COSTS)  # no deadline: give way
+    assert not keeps_pair(Running((0, 1), 1.0, 2.0, True), COSTS)  # serially in time
+    assert keeps_pair(Running((0, 1), 1.0, 1.2, True), COSTS)  # serially late, split in time
+    assert not keeps_pair(Running((0, 1), 1.0, 0.8, True), COSTS)  # late either way
+    assert yields(Running((0, 1), 1.0, None, True), COSTS)
+    assert not yields(Running((0, 1), 1.0, None, False), COSTS)  # an explicit split run never yields
+    assert not yields(Running((0,), 1.0, None, True), COSTS)  # nothing to give back
 
 
 # --- costs learned online ----------------------------------------------------------------------------
@@ -161,14 +181,14 @@ def snapshot(jobs: dict, loads: list[int], estimates: dict | None = None) -> Sna
 def test_place_uses_the_deadline_policy_only_for_auto_with_numbers():
     jobs = {"a": {"devices": [0], "steps_left": 15, "cost_key": "k"}, "b": {"devices": [1], "steps_left": 2,
                                                                            "cost_key": "k"}}
-    view = view_of(snapshot(jobs, [1, 1]), None, "k")
+    view = view_of(snapshot(jobs, [1, 1], {"k": {"serial": 0.1, "split": 0.1}}), None, "k")
     decided = place(Mode.AUTO, True, 20, 3.0, view.costs, view.others, view.loads)
     assert decided.rule == "deadline" and decided.placement.devices == (1,)
     # The count rule: no estimate for this size, or an explicit mode.
     unknown = view_of(snapshot(jobs, [1, 1]), None, "other")
     assert place(Mode.AUTO, True, 20, 3.0, unknown.costs, unknown.others, unknown.loads).placement.devices == (0,)
     assert place(Mode.SERIAL, True, 20, 3.0, view.costs, view.others, view.loads).rule == "count"
-    tight = place(Mode.AUTO, True, 20, 1.5, COSTS, [serial(0, 2), serial(1, 2)], [1, 1])
+    tight = place(Mode.AUTO, True, 20, 1.55, COSTS, [serial(0, 8), serial(1, 8)], [1, 1])
     assert tight.placement.mode is Mode.CFG_PARALLEL and tight.placement.devices == (0, 1)
 
 
@@ -176,16 +196,38 @@ def hybrid_run() -> GuidanceSchedule:
     return GuidanceSchedule(Mode.HYBRID, 20, KNOBS, guidance=True, mode_requested=Mode.AUTO)
 
 
-def test_a_split_run_yields_for_a_sharing_newcomer_only_when_its_deadline_needs_it():
-    me = split(16)
-    needs = BoardView([2, 1], me, [serial(0, 20, deadline_s=2.2)], COSTS)
-    assert yield_device(hybrid_run(), 4, needs) == 1  # finish alone on the device the newcomer is not on
-    relaxed = BoardView([2, 1], me, [serial(0, 20, deadline_s=3.0)], COSTS)
-    assert yield_device(hybrid_run(), 4, relaxed) is None  # the newcomer meets its deadline anyway
+def test_a_split_run_yields_to_a_sharing_newcomer_unless_going_on_serially_makes_it_late():
+    me = split(16)  # 1.0 s left split, 1.6 s serially, no deadline
+    shared = BoardView([2, 1], me, [serial(0, 20, deadline_s=3.0)], COSTS)
+    assert yield_device(hybrid_run(), 4, shared) == 1  # finish alone on the device the newcomer is not on
     no_deadline = BoardView([1, 2], me, [serial(1, 20)], COSTS)
-    assert yield_device(hybrid_run(), 4, no_deadline) == 0  # as the count rule: give way
+    assert yield_device(hybrid_run(), 4, no_deadline) == 0
     alone = BoardView([1, 1], me, [], COSTS)
     assert yield_device(hybrid_run(), 4, alone) is None
+    needs_both = BoardView([2, 1], Running((0, 1), 1.0, 1.2, True), [serial(0, 20, deadline_s=3.0)], COSTS)
+    assert yield_device(hybrid_run(), 4, needs_both) is None  # serially it would be late
+
+
+def grown_run() -> GuidanceSchedule:
+    schedule = GuidanceSchedule(Mode.SERIAL, 20, KNOBS, guidance=True, device=1, mode_requested=Mode.AUTO)
+    return schedule
+
+
+def test_an_auto_serial_run_grows_onto_an_idle_device_and_gives_it_back_when_shared():
+    schedule = grown_run()
+    me = Running((1,), 1.0)
+    assert grow_device(schedule, 4, BoardView([1, 1], me, [serial(0, 20)], COSTS)) is None  # device 0 is busy
+    assert grow_device(schedule, 4, BoardView([0, 1], me, [], COSTS, up=[False, True])) is None  # device 0 is down
+    assert grow_device(schedule, 4, BoardView([0, 1], me, [], NO_GROW)) is None  # splitting measured no faster
+    assert grow_device(schedule, 18, BoardView([0, 1], me, [], COSTS)) is None  # 2 steps left: not worth it
+    assert grow_device(schedule, 4, BoardView([0, 1], me, [], COSTS)) == 0
+    schedule.grow(4, 0)
+    assert schedule.effective_mode is Mode.CFG_PARALLEL and schedule.devices_in_use == (0, 1)
+    grown = Running((0, 1), 1.0, None, True)
+    assert yield_device(schedule, 5, BoardView([1, 1], grown, [], COSTS)) is None
+    assert yield_device(schedule, 5, BoardView([2, 1], grown, [serial(0, 20)], COSTS)) == 1
+    explicit = GuidanceSchedule(Mode.SERIAL, 20, KNOBS, guidance=True, device=1)
+    assert grow_device(explicit, 4, BoardView([0, 1], me, [], COSTS)) is None  # only auto re-places
 
 
 def test_without_numbers_the_yield_follows_the_count_rule():

@@ -7,9 +7,12 @@ shared step cheaper than two), so a request's predicted latency is its own work 
 every neighbour's remaining work that overlaps it. Two idle devices are split (the capacity that
 splitting wastes would idle anyway); otherwise it takes the least device time that meets the
 deadline (serial), both devices only when serial would miss and splitting would not, and the
-fastest placement when nothing meets it. A split ``auto`` run that may still yield gives a device
-back when a request sharing one of its devices would otherwise miss its deadline (:func:`give_back`);
-the newcomer's choice counts on that, with the same predicate.
+fastest placement when nothing meets it. The degree of parallelism follows the load between steps:
+a serial ``auto`` run takes a second device once it idles (:func:`grow_device`), and a split ``auto``
+run gives one back as soon as another request is placed there (:func:`yield_device`), unless that
+would make it late; the newcomer's choice counts on both. Admission rests on the same predictions:
+a request that no placement finishes within its timeout without making a running request late is
+refused at once (:func:`refusal`).
 
 The numbers come from the in-flight board (``inflight.py``): each running request's devices, steps
 left, deadline and cost key, and per cost key (family and image size) the seconds per step learned
@@ -23,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .admission import FULL
-from .schedule import GuidanceSchedule, Mode, NoDeviceLeft, Placement, may_yield, place_request
+from .schedule import GuidanceSchedule, Mode, NoDeviceLeft, Placement, may_grow, may_yield, place_request
 from .schedule import yield_device as yield_device_by_count
 
 # Weight of the newest sample in the step-cost averages: a few steps follow a change of load or clocks.
@@ -140,22 +143,18 @@ def overlap_latency(own_s: float, neighbours_s: list[float], costs: Costs) -> fl
     return own_s + costs.overlap_cost * sum(min(n, own_s) for n in neighbours_s)
 
 
-def give_back(pair_remaining_s: float, newcomer_s: float, newcomer_deadline_s: float | None, costs: Costs) -> bool:
-    """Whether a two-device run that may still yield should finish on one device for a newcomer.
-
-    True when the newcomer (``newcomer_s`` seconds of solo work), sharing a device with the two-device
-    run (``pair_remaining_s`` seconds left at its two-device speed), would miss its deadline and would
-    meet it on the device the run gives back. A newcomer without a deadline is given way to, as the
-    count rule does. The run itself then goes on serially.
-    """
-    if newcomer_deadline_s is None:
-        return True
-    shared = overlap_latency(newcomer_s, [pair_remaining_s], costs)
-    return shared > newcomer_deadline_s >= newcomer_s
+def keeps_pair(run: Running, costs: Costs) -> bool:
+    """Whether a split ``auto`` run keeps both devices when another request shares one: only when going on
+    serially would make it late and keeping both would not. Otherwise it gives one back (a split step
+    costs more device time than a serial one, and waits for the busier device)."""
+    if run.deadline_s is None:
+        return False
+    return run.remaining_s * costs.parallel_speedup > run.deadline_s >= run.remaining_s
 
 
-def _yields_to(run: Running, newcomer_s: float, deadline_s: float | None, costs: Costs) -> bool:
-    return run.may_yield and len(set(run.devices)) == 2 and give_back(run.remaining_s, newcomer_s, deadline_s, costs)
+def yields(run: Running, costs: Costs) -> bool:
+    """Whether ``run`` gives a device back to a newcomer placed on it (see :func:`keeps_pair`)."""
+    return run.may_yield and len(set(run.devices)) == 2 and not keeps_pair(run, costs)
 
 
 def pushes_late(devices: Sequence[int], own_s: float, running: Sequence[Running], costs: Costs,
@@ -191,24 +190,44 @@ def choose(
     """The mode for a new ``auto`` request of ``steps`` steps with ``deadline_s`` seconds to finish.
 
     Both least busy devices idle: ``hybrid``. Otherwise serial on the device that finishes it first,
-    if that meets the deadline (a split auto run there that would give the device back, by
-    :func:`give_back`, is not counted); else both least busy devices (``cfg_parallel``) if that does;
-    else whichever is predicted fastest, marked as not meeting it. A placement that would push a
-    running request past its deadline (:func:`pushes_late`) does not count as meeting it. Only devices
-    that are ``up`` are chosen; ties go to less work left, then to the lower index.
+    if that meets the deadline (a split auto run there that gives the device back, by :func:`yields`,
+    is not counted; a serial run takes a second device once one is idle, by :func:`grow_device`, which
+    the prediction counts on); else both least busy devices (``cfg_parallel``) if that does; else
+    whichever is predicted fastest, marked as not meeting it. A placement that would push a running
+    request past its deadline (:func:`pushes_late`) does not count as meeting it. Only devices that are
+    ``up`` are chosen; ties go to less work left, then to the lower index.
     """
     candidates = [d for d in range(num_devices) if up is None or up[d]]
     if not candidates:
         raise NoDeviceLeft(f"all {num_devices} devices are down")
     own_s = steps * costs.step_s
-    yielding = [r for r in running if _yields_to(r, own_s, deadline_s, costs)]
+    yielding = [r for r in running if yields(r, costs)]
 
     def neighbours(device: int, alone_here: bool) -> list[float]:
         return [r.remaining_s for r in running
                 if device in r.devices and not (alone_here and any(r is y for y in yielding))]
 
+    def free_after(device: int) -> float:
+        """When ``device`` has no other request left (a yielding split run there goes on serially)."""
+        return max((r.remaining_s * (costs.parallel_speedup if any(r is y for y in yielding) else 1.0)
+                    for r in running if device in r.devices), default=0.0)
+
+    def grown_latency(device: int, serial_s: float) -> float:
+        """Serial on ``device`` until another device is free, then partitioned over both (:func:`grow_device`)."""
+        others = [d for d in candidates if d != device]
+        if not guidance or not others or costs.parallel_speedup <= 1.0:
+            return serial_s
+        wait = min(free_after(d) for d in others)
+        if wait >= serial_s:
+            return serial_s
+        left = own_s * (1.0 - wait / serial_s)
+        after = [max(n - wait, 0.0) for n in neighbours(device, True)]
+        return min(serial_s, wait + overlap_latency(left / costs.parallel_speedup, after, costs))
+
     def option(mode: Mode, devices: tuple[int, ...], work_s: float, alone_here: bool) -> Choice:
         predicted = max(overlap_latency(work_s, neighbours(d, alone_here), costs) for d in devices)
+        if mode is Mode.SERIAL:
+            predicted = grown_latency(devices[0], predicted)
         if deadline_s is None:
             return Choice(mode, devices, predicted)
         spared = yielding if alone_here else ()
@@ -319,6 +338,7 @@ class BoardView:
     me: Running | None
     others: list[Running] | None
     costs: Costs | None
+    up: list[bool] | None = None  # devices that may be placed on (None: all)
 
 
 def view_of(snapshot, key: str | None, cost_key: str) -> BoardView:
@@ -326,19 +346,20 @@ def view_of(snapshot, key: str | None, cost_key: str) -> BoardView:
     a newcomer not on the board yet) of cost key ``cost_key``."""
     running = running_from(snapshot.jobs, snapshot.costs, snapshot.now)
     costs = costs_from(snapshot.costs.get(cost_key))
+    up = list(snapshot.up)
     if running is None:
-        return BoardView(list(snapshot.loads), None, None, costs)
+        return BoardView(list(snapshot.loads), None, None, costs, up)
     others = [r for k, r in running.items() if k != key]
-    return BoardView(list(snapshot.loads), running.get(key) if key is not None else None, others, costs)
+    return BoardView(list(snapshot.loads), running.get(key) if key is not None else None, others, costs, up)
 
 
 def yield_device(schedule: GuidanceSchedule, step: int, view: BoardView) -> int | None:
     """For a split ``auto`` run that may still yield: the device to finish on alone, or None to keep both.
 
-    With the board's numbers: yield when a request on exactly one of its devices would miss its
-    deadline unless given that device (:func:`give_back`; one without a deadline is given way to, as
-    before); continue on the pair's device fewer others share (less work, then the lower index on
-    ties). Without them: the count rule (``schedule.yield_device``).
+    With the board's numbers: yield as soon as another request shares one of its devices, unless going on
+    serially would make the run late and keeping both would not (:func:`keeps_pair`); continue on the
+    pair's device fewer others share (less work, then the lower index on ties). Without them: the count
+    rule (``schedule.yield_device``).
     """
     if not may_yield(schedule, step):
         return None
@@ -346,8 +367,7 @@ def yield_device(schedule: GuidanceSchedule, step: int, view: BoardView) -> int 
     if me is None or others is None or costs is None:
         return yield_device_by_count(schedule, step, view.loads)
     pair = set(schedule.pair)
-    sharing = [o for o in others if len(pair & set(o.devices)) == 1]
-    if not any(give_back(me.remaining_s, o.remaining_s, o.deadline_s, costs) for o in sharing):
+    if not any(pair & set(o.devices) for o in others) or keeps_pair(me, costs):
         return None
 
     def busy(device: int) -> tuple[int, float, int]:
@@ -355,3 +375,20 @@ def yield_device(schedule: GuidanceSchedule, step: int, view: BoardView) -> int 
         return len(on_it), sum(o.remaining_s for o in on_it), device
 
     return min(schedule.pair, key=busy)
+
+
+def grow_device(schedule: GuidanceSchedule, step: int, view: BoardView) -> int | None:
+    """For an ``auto`` run on one device: an idle device to partition the remaining steps over, or None.
+
+    A device no request occupies would idle: taking it finishes this run sooner at no one's cost, and the
+    run gives it back as soon as another request is placed there (:func:`yield_device`). Not when the
+    board measured a split step no faster than a serial one for this run's size.
+    """
+    if not may_grow(schedule, step):
+        return None
+    if view.costs is not None and view.costs.parallel_speedup <= 1.0:
+        return None
+    mine = schedule.serial_device
+    idle = [d for d, load in enumerate(view.loads)
+            if d != mine and load == 0 and (view.up is None or view.up[d])]
+    return min(idle, default=None)
