@@ -150,6 +150,8 @@ def test_costs_are_learned_from_steps_as_moving_averages():
     learn(estimate, StepSample("serial", 2, wall_s=9.0, compute_s=1.2))  # shared by two: the batching gain
     learn(estimate, StepSample("serial", 3, wall_s=9.0, compute_s=9.0))  # three: not learned
     learn(estimate, StepSample("pipeline", 1, wall_s=9.0, compute_s=9.0))
+    learn(estimate, StepSample("serial", 1, wall_s=9.0, compute_s=0.8), alone=False)  # waited for a neighbour
+    learn(estimate, StepSample("split", 1, wall_s=9.0, compute_s=0.4), alone=False)
     costs = costs_from(estimate)
     assert costs.step_s == pytest.approx(1.5)
     assert costs.parallel_speedup == 2.0  # 1.5 / 0.5, kept in [1, 2]
@@ -267,21 +269,25 @@ def test_nothing_that_meets_the_deadline_without_harm_is_marked_and_refused():
     assert refusal(choose(20, None, running, COSTS, 2), None) is None
 
 
-def test_a_deadline_shorter_than_the_fastest_placement_is_refused_even_on_idle_devices():
+def test_an_idle_server_refuses_nothing_and_a_busy_one_what_it_cannot_finish_in_time():
     choice = choose(20, deadline_s=1.0, running=[], costs=COSTS, num_devices=2)  # hybrid alone: 1.25 s
     assert choice.mode is Mode.HYBRID and not choice.meets
-    decided = place(Mode.AUTO, True, 20, 1.0, COSTS, [], [0, 0])
-    assert decided.refused is not None
-    assert place(Mode.AUTO, True, 20, 1.0, COSTS, [], [0, 0], admit_by_deadline=False).refused is None
-    assert place(Mode.AUTO, True, 20, 1.5, COSTS, [], [0, 0]).refused is None
+    # Idle: admitted anyway (it costs no one, and running refreshes an estimate that may be stale).
+    assert place(Mode.AUTO, True, 20, 1.0, COSTS, [], [0, 0]).refused is None
+    busy = [Running((0,), 0.3)]
+    assert place(Mode.AUTO, True, 20, 1.0, COSTS, busy, [1, 0]).refused is not None
+    assert place(Mode.AUTO, True, 20, 1.0, COSTS, busy, [1, 0], admit_by_deadline=False).refused is None
+    assert place(Mode.AUTO, True, 20, 2.5, COSTS, busy, [1, 0]).refused is None
 
 
 def test_explicit_modes_are_refused_by_their_own_placements_prediction():
-    # Serial alone takes 2.0 s: refused with 1.5 s left, served with 2.5 s; cfg_parallel (1.25 s) fits 1.5 s.
-    assert place(Mode.SERIAL, True, 20, 1.5, COSTS, [], [0, 0]).refused is not None
-    served = place(Mode.SERIAL, True, 20, 2.5, COSTS, [], [0, 0])
+    # Beside a request on device 2 (of 3), serial alone on device 0 takes 2.0 s: refused with 1.5 s left,
+    # served with 2.5 s; cfg_parallel (1.25 s) fits 1.5 s.
+    other = [Running((2,), 0.5)]
+    assert place(Mode.SERIAL, True, 20, 1.5, COSTS, other, [0, 0, 1]).refused is not None
+    served = place(Mode.SERIAL, True, 20, 2.5, COSTS, other, [0, 0, 1])
     assert served.refused is None and served.rule == "count" and served.predicted_s == pytest.approx(2.0)
-    assert place(Mode.CFG_PARALLEL, True, 20, 1.5, COSTS, [], [0, 0]).refused is None
+    assert place(Mode.CFG_PARALLEL, True, 20, 1.5, COSTS, other, [0, 0, 1]).refused is None
     # The count rule places a serial request on device 0 beside a request it would make late: refused.
     running = [Running((0,), 1.0, deadline_s=1.1), Running((1,), 1.0, deadline_s=1.1)]
     assert place(Mode.SERIAL, True, 20, 5.0, COSTS, running, [1, 1]).refused is not None

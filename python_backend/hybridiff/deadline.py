@@ -63,12 +63,14 @@ class StepSample:
     compute_s: float  # the longest device compute of the step
 
 
-def learn(estimate: dict[str, float], sample: StepSample, alpha: float = EWMA_ALPHA) -> None:
+def learn(estimate: dict[str, float], sample: StepSample, alone: bool = True, alpha: float = EWMA_ALPHA) -> None:
     """Fold one step into a cost key's averages (in place).
 
-    ``serial`` and ``split``: wall seconds of steps that ran alone (what a request's latency is made
-    of); ``serial_compute`` and ``pair_compute``: device seconds of a serial pass alone and shared by
-    two requests, whose ratio is the batching gain. Steps shared by more than two are not learned.
+    ``serial`` and ``split``: wall seconds of steps that ran ``alone`` (no other request on the step's
+    devices: what a request's latency is made of without neighbours, whom the overlap model adds; a
+    neighbour whose pass the batcher did not merge would have the step wait for it); ``serial_compute``
+    and ``pair_compute``: device seconds of a serial pass alone and shared by two requests, whose ratio
+    is the batching gain. Steps shared by more than two are not learned.
     """
 
     def fold(name: str, value: float) -> None:
@@ -76,11 +78,12 @@ def learn(estimate: dict[str, float], sample: StepSample, alpha: float = EWMA_AL
         estimate[name] = value if old is None else (1 - alpha) * old + alpha * value
 
     if sample.kind == "serial" and sample.batched <= 1:
-        fold("serial", sample.wall_s)
+        if alone:
+            fold("serial", sample.wall_s)
         fold("serial_compute", sample.compute_s)
     elif sample.kind == "serial" and sample.batched == 2:
         fold("pair_compute", sample.compute_s)
-    elif sample.kind == "split" and sample.batched <= 1:
+    elif sample.kind == "split" and sample.batched <= 1 and alone:
         fold("split", sample.wall_s)
 
 
@@ -267,14 +270,16 @@ def predict(placement: Placement, steps: int, deadline_s: float | None, running:
     return Choice(placement.mode, devices, predicted, meets)
 
 
-def refusal(choice: Choice, deadline_s: float | None) -> str | None:
+def refusal(choice: Choice, deadline_s: float | None, idle: bool = False) -> str | None:
     """Why a request is refused at once instead of started, or None to start it.
 
     A request whose timeout no placement can meet on the current load would be stopped at that deadline
     with its work wasted, or would take the devices from requests that can still meet theirs: it is
-    refused now, with the same retryable answer as a full queue.
+    refused now, with the same retryable answer as a full queue. On an ``idle`` server nothing is refused:
+    it costs no one else, and running is what refreshes an estimate that may have gone stale (with every
+    request refused, none would).
     """
-    if choice.meets or deadline_s is None:
+    if choice.meets or deadline_s is None or idle:
         return None
     return (
         f"{FULL}: the request cannot finish within its timeout on the current load ({max(deadline_s, 0):.2f} s "
@@ -316,14 +321,14 @@ def place(
         return Decision(counted, "count")
     if mode is not Mode.AUTO:
         predicted = predict(counted, steps, deadline_s, running, costs)
-        refused = refusal(predicted, deadline_s) if admit_by_deadline else None
+        refused = refusal(predicted, deadline_s, idle=not running) if admit_by_deadline else None
         return Decision(counted, "count", predicted.predicted_s, refused)
     choice = choose(steps, deadline_s, running, costs, len(loads), guidance, up)
     if choice.mode is Mode.SERIAL:
         placement = Placement(Mode.SERIAL, choice.devices[0], counted.pair, guidance)
     else:
         placement = Placement(choice.mode, choice.devices[0], (choice.devices[0], choice.devices[1]), guidance)
-    refused = refusal(choice, deadline_s) if admit_by_deadline else None
+    refused = refusal(choice, deadline_s, idle=not running) if admit_by_deadline else None
     return Decision(placement, "deadline", choice.predicted_s, refused)
 
 
