@@ -38,6 +38,8 @@ OUT ?= out/image.png
 QUEUE_SIZE ?= 4
 START_TIMEOUT_US ?= 60000000
 MAX_PER_DEVICE ?= 0
+# 1: refuse at once a request that cannot finish within its timeout on the current load (docs/overload.md).
+ADMIT_BY_DEADLINE ?= 1
 export HF_HUB_OFFLINE := 1
 # python_backend first: a checkout (or git worktree) always runs its own hybridiff, whatever the venv has.
 export PYTHONPATH := $(CURDIR)/python_backend:$(CURDIR)
@@ -75,7 +77,8 @@ train: setup
 # default (KIND=gpu for GPUs); SDXL_MODEL / SD3_MODEL (set at the top) name any other checkpoint folder.
 make_repository = $(PY) -m export.make_repository --out $(1) --model sdxl=$(2) --model sd3=$(3) \
 	--devices $(DEVICES) --kind $(KIND) \
-	--queue-size $(QUEUE_SIZE) --start-timeout-us $(START_TIMEOUT_US) --max-per-device $(MAX_PER_DEVICE)
+	--queue-size $(QUEUE_SIZE) --start-timeout-us $(START_TIMEOUT_US) --max-per-device $(MAX_PER_DEVICE) \
+	$(if $(filter 0,$(ADMIT_BY_DEADLINE)),--no-admit-by-deadline,--admit-by-deadline)
 repository: setup checkpoints
 	$(call make_repository,model_repository,$(SDXL_MODEL),$(SD3_MODEL))
 

@@ -23,6 +23,7 @@ variable                                  default                     meaning
 ``HYBRIDIFF_QUEUE_SIZE``                  generator default (4)       requests that may wait per family
 ``HYBRIDIFF_START_TIMEOUT_US``            generator default (60 s)    a waiting request is refused after this
 ``HYBRIDIFF_MAX_PER_DEVICE``              generator default (0: off)  orchestrator gate
+``HYBRIDIFF_ADMIT_BY_DEADLINE``           generator default (1: on)   refuse what cannot finish in its timeout
 ``HYBRIDIFF_REPOSITORY``                  ``/tmp/model_repository``   where the repository is written
 ``HYBRIDIFF_HTTP_PORT``/``GRPC``/``METRICS``  ``8000``/``8001``/``8002``  ports
 ``HYBRIDIFF_LISTEN_ADDRESS``              ``0.0.0.0``                 address the three endpoints bind
@@ -107,6 +108,9 @@ def repository_argv(env: Mapping[str, str]) -> list[str]:
         value = _int(env, name, None, minimum)
         if value is not None:
             argv += [flag, str(value)]
+    admit = _int(env, "ADMIT_BY_DEADLINE", None, 0)
+    if admit is not None:
+        argv.append("--admit-by-deadline" if admit else "--no-admit-by-deadline")
     return argv
 
 

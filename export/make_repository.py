@@ -163,6 +163,7 @@ def family_models(family: FamilyWire, checkpoint: str, deployment: Deployment) -
         "bls_memory": "gpu" if deployment.kind == "gpu" else "cpu",
         "max_per_device": str(queues.max_per_device),
         "start_timeout_us": str(queues.start_timeout_us),
+        "admit_by_deadline": "1" if queues.admit_by_deadline else "0",
     }
     request_inputs = [spec.tensor for spec in wire.REQUEST_INPUTS]
     instances = _instances(deployment, 0, deployment.orchestrator_instances, cpu_only=True)
@@ -243,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="a request waiting longer than this is refused instead of started (0: no limit)")
     parser.add_argument("--max-per-device", type=int, default=QueueLimits.max_per_device,
                         help="orchestrator gate: requests one device may run at once (0: off)")
+    parser.add_argument("--admit-by-deadline", action=argparse.BooleanOptionalAction,
+                        default=QueueLimits.admit_by_deadline,
+                        help="refuse at once a request that cannot finish within its timeout on the current load")
     parser.add_argument("--max-height", type=int, default=Limits.max_height)
     parser.add_argument("--max-width", type=int, default=Limits.max_width)
     parser.add_argument("--max-steps", type=int, default=Limits.max_steps)
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.devices < 1:
         parser.error("--devices must be >= 1")
     checkpoints = dict(item.split("=", 1) for item in args.model)
-    queues = QueueLimits(args.queue_size, args.start_timeout_us, args.max_per_device)
+    queues = QueueLimits(args.queue_size, args.start_timeout_us, args.max_per_device, args.admit_by_deadline)
     try:
         queues.validate()
     except ValueError as err:

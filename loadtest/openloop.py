@@ -44,6 +44,7 @@ from loadtest.openloop_levels import (
     outcome_status,
     slo_passes,
     slo_timeouts,
+    verdict,
 )
 
 LOCAL_PREFIXES = ("127.", "localhost", "[::1]")
@@ -175,6 +176,7 @@ def write_outputs(rows: list[dict], out: Path, header: str, scales: list[float])
     for r in rows:
         cells = [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Against the targets", "", *verdict(rows)]
     (out / "openloop.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib

@@ -183,3 +183,59 @@ def level_row(
         "errors": sum(o.status == "error" for o in outcomes),
         "modes_run": json.dumps(modes_run, sort_keys=True),
     }
+
+
+def _halves(row: dict) -> list[float]:
+    return [h for h in json.loads(row["attainment_halves"]) if h == h]  # NaN: a half without requests
+
+
+def noise(row: dict) -> float:
+    """Half the spread of a row's two halves: how far the same mode on the same load measured apart."""
+    halves = _halves(row)
+    return (max(halves) - min(halves)) / 2 if len(halves) == 2 else 0.0
+
+
+def verdict(rows: list[dict], fixed_modes: tuple[str, ...] = ("serial", "cfg_parallel", "hybrid"),
+            overload: float = 1.5) -> list[str]:
+    """Markdown lines that check issue 11's targets against a run's rows.
+
+    Per (process, SLO scale, load): ``auto``'s attainment against the best fixed mode's, with the noise
+    of both (each row's halves); ``auto`` holds its own where it is at least the best minus that noise.
+    At the ``overload`` load: the slowest refusal, failures other than refusals, and ``auto``'s goodput
+    against the best goodput any mode reached at any load of the same process and scale.
+    """
+    lines = ["| process | SLO scale | load | auto | best fixed (mode) | auto - best | noise | holds |",
+             "|---|---|---|---|---|---|---|---|"]
+    margins, holds = [], []
+    groups = sorted({(r["process"], r["slo_scale"], r["load"]) for r in rows})
+    for process, scale, load in groups:
+        level = {r["mode"]: r for r in rows if (r["process"], r["slo_scale"], r["load"]) == (process, scale, load)}
+        fixed = [level[m] for m in fixed_modes if m in level]
+        if "auto" not in level or not fixed:
+            continue
+        best = max(fixed, key=lambda r: r["attainment"])
+        auto = level["auto"]
+        margin = auto["attainment"] - best["attainment"]
+        slack = max(noise(auto), noise(best))
+        ok = margin >= -slack - 1e-9
+        margins.append(min(auto["attainment"] - r["attainment"] for r in fixed))
+        holds.append(ok)
+        lines.append(f"| {process} | {scale:g} | {load:g} | {auto['attainment']:.0%} | {best['attainment']:.0%} "
+                     f"({best['mode']}) | {100 * margin:+.0f} pts | {100 * slack:.0f} pts | {'yes' if ok else 'NO'} |")
+    summary = [
+        f"* `auto` at least the best fixed mode within the run's noise: {sum(holds)} of {len(holds)} levels.",
+        f"* Largest lead of `auto` over every fixed mode at one level: {100 * max(margins, default=0):+.0f} points.",
+    ]
+    for process, scale in sorted({(r["process"], r["slo_scale"]) for r in rows}):
+        mine = [r for r in rows if (r["process"], r["slo_scale"]) == (process, scale)]
+        top = max((r["goodput_per_s"] for r in mine), default=0.0)
+        for r in mine:
+            if r["mode"] != "auto" or abs(r["load"] - overload) > 1e-9:
+                continue
+            summary.append(
+                f"* {process}, SLO {scale:g}x, load {overload:g}: slowest refusal {r['refusal_max_s']:.2f} s, "
+                f"failures other than refusals {r['expired'] + r['errors']} ({r['expired']} past their SLO, "
+                f"{r['errors']} errors), `auto` goodput {r['goodput_per_s']:.3f}/s = "
+                f"{r['goodput_per_s'] / top if top else 0:.0%} of the best at any load ({top:.3f}/s)."
+            )
+    return summary + [""] + lines

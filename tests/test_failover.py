@@ -227,6 +227,38 @@ def test_the_loop_reports_steps_left_and_costs_and_yields_when_a_deadline_needs_
     assert max_pixel_diff(image, serial_image) <= 1
 
 
+class GrowingBoardHooks(RunHooks):
+    """A board on which device 0 idles from step 2 on, until a newcomer is placed there before step 6."""
+
+    def __init__(self) -> None:
+        self.steps_done, self.occupied = 0, []
+
+    def board_view(self) -> BoardView:
+        me = Running((1,), 1.0)
+        if self.steps_done < 2:
+            return BoardView([1, 1], me, [Running((0,), 5.0)], Costs(step_s=0.1))
+        if self.steps_done < 6:
+            return BoardView([0, 1], me, [], Costs(step_s=0.1))
+        return BoardView([2, 1], Running((0, 1), 1.0, None, True), [Running((0,), 2.0)], Costs(step_s=0.1))
+
+    def advanced(self, steps_left, may_yield, sample) -> None:
+        self.steps_done += 1
+
+    def occupy(self, devices) -> None:
+        self.occupied.append(tuple(devices))
+
+
+def test_an_auto_serial_run_grows_onto_an_idle_device_and_gives_it_back_with_the_serial_image(local, serial_image):
+    hooks = GrowingBoardHooks()
+    placed_by_auto = dataclasses.replace(request(Mode.SERIAL), device=1, mode_requested=Mode.AUTO)
+    image, report = run(local, placed_by_auto, InProcessTransport(local.denoisers), hooks)
+    schedule = report.schedule
+    assert schedule["grew"] == [{"step": 2, "device": 0}] and schedule["serial_from_step"] == 6
+    assert schedule["phases"] == ["serial"] * 2 + ["partition"] * 4 + ["serial"] * 6
+    assert hooks.occupied == [(0, 1), (1,)]  # took device 0, then gave it to the newcomer
+    assert max_pixel_diff(image, serial_image) <= 1
+
+
 # --- the board ------------------------------------------------------------------------------
 
 

@@ -151,6 +151,20 @@ def test_a_job_is_recorded_with_its_devices_and_advances_with_its_steps(tmp_path
     assert board.snapshot().jobs == {} and "sdxl:64x64" in board.snapshot().costs
 
 
+def test_a_step_that_shared_its_device_teaches_no_solo_wall_time(tmp_path):
+    from hybridiff.deadline import StepSample
+    from hybridiff.inflight import Job
+
+    board = InFlightBoard(tmp_path / "board.json", 2)
+    with board.occupy(lambda snapshot: (None, (0,)), Job(20, "k")) as first:
+        first.progress(19, False, StepSample("serial", 1, wall_s=0.5, compute_s=0.4))
+        with board.occupy(lambda snapshot: (None, (0,)), Job(20, "k")) as second:
+            second.progress(19, False, StepSample("serial", 1, wall_s=0.9, compute_s=0.4))  # waited for first
+        with board.occupy(lambda snapshot: (None, (1,)), Job(20, "k")) as elsewhere:
+            elsewhere.progress(19, False, StepSample("serial", 1, wall_s=0.6, compute_s=0.4))
+    assert board.snapshot().costs["k"]["serial"] == pytest.approx(0.8 * 0.5 + 0.2 * 0.6)
+
+
 def test_a_board_without_costs_is_read_and_a_broken_cost_table_resets(tmp_path):
     path = tmp_path / "board.json"
     path.write_text('{"entries": {}, "down": {}}')  # written before costs existed

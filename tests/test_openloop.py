@@ -104,8 +104,10 @@ def test_outputs_have_a_row_per_level_and_a_panel_per_process_and_scale(tmp_path
         for mode in ("serial", "auto")
     ]
     write_outputs(rows, tmp_path, "header", [1.0, 2.0])
-    table = (tmp_path / "openloop.md").read_text().splitlines()
+    text = (tmp_path / "openloop.md").read_text()
+    table = text.split("## Against the targets")[0].splitlines()
     assert table[0] == "header" and len([line for line in table if line.startswith("| poisson")]) == 8
+    assert "## Against the targets" in text  # the verdict follows the table
     assert (tmp_path / "openloop.csv").read_text().count("\n") == len(rows) + 1
     assert (tmp_path / "openloop.png").stat().st_size > 0
 
@@ -151,3 +153,27 @@ def test_a_request_carries_its_slo_as_its_triton_timeout():
     assert outcome.status == "expired"
     asyncio.run(send(client, offered, "auto", 4, 0.0, timeout_s=30.0))
     assert client.kwargs[1]["timeout"] is None
+
+
+def _row(mode: str, load: float, attainment: float, halves: list[float], goodput: float = 0.5, **extra) -> dict:
+    return {"process": "poisson", "slo_scale": 1.5, "load": load, "mode": mode, "attainment": attainment,
+            "attainment_halves": json.dumps(halves), "goodput_per_s": goodput, "refusal_max_s": 0.1,
+            "expired": 0, "errors": 0, **extra}
+
+
+def test_the_verdict_compares_auto_with_the_best_fixed_mode_within_the_noise_of_both():
+    from loadtest.openloop_levels import noise, verdict
+
+    rows = [
+        _row("serial", 0.5, 0.60, [0.5, 0.7]), _row("hybrid", 0.5, 0.80, [0.8, 0.8]),
+        _row("auto", 0.5, 0.75, [0.7, 0.8]),  # 5 points behind hybrid, noise 10 points: holds
+        _row("serial", 1.5, 0.50, [0.5, 0.5], goodput=0.40), _row("hybrid", 1.5, 0.40, [0.4, 0.4]),
+        _row("auto", 1.5, 0.70, [0.7, 0.7], goodput=0.45, refusal_max_s=0.8, expired=1),  # 20 points ahead
+    ]
+    assert noise(rows[0]) == pytest.approx(0.1)
+    text = "\n".join(verdict(rows, fixed_modes=("serial", "hybrid")))
+    assert "2 of 2 levels" in text and "+20 points" in text
+    assert "slowest refusal 0.80 s, failures other than refusals 1" in text
+    assert "goodput 0.450/s = 90% of the best at any load (0.500/s)" in text
+    behind = [*rows[:2], _row("auto", 0.5, 0.55, [0.55, 0.55])]  # 25 points behind, noise 10
+    assert "0 of 1 levels" in "\n".join(verdict(behind, fixed_modes=("serial", "hybrid")))

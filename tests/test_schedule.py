@@ -204,3 +204,27 @@ def test_a_hybrid_in_its_pipeline_phase_keeps_its_devices():
     assert may_yield(schedule, 6) and not may_yield(schedule, 7)  # the orchestrator stops reading loads
     with pytest.raises(ValueError, match="before its pipeline"):
         schedule.continue_serially(7, 0)
+
+
+def test_only_an_auto_serial_run_with_guidance_may_grow_and_the_summary_says_when():
+    from hybridiff.schedule import MIN_GROW_STEPS, may_grow
+
+    auto = GuidanceSchedule(Mode.SERIAL, 10, SDXL_KNOBS, guidance=True, device=1, mode_requested=Mode.AUTO)
+    assert may_grow(auto, 0) and not may_grow(auto, 10 - MIN_GROW_STEPS + 1)
+    assert not may_grow(GuidanceSchedule(Mode.SERIAL, 10, SDXL_KNOBS, guidance=True), 0)  # explicit: a promise
+    unguided = GuidanceSchedule(Mode.SERIAL, 10, SDXL_KNOBS, guidance=False, mode_requested=Mode.AUTO)
+    assert not may_grow(unguided, 0)  # nothing to partition
+    with pytest.raises(ValueError):
+        auto.grow(2, 1)  # its own device
+    auto.grow(2, 0)
+    assert auto.effective_mode is Mode.CFG_PARALLEL and auto.pair == (0, 1) and not may_grow(auto, 3)
+    assert auto.plan(3).phase is Phase.PARTITION
+    with pytest.raises(ValueError):
+        auto.grow(3, 0)  # already on two devices
+    auto.continue_serially(5, 1)
+    assert auto.effective_mode is Mode.SERIAL and auto.devices_in_use == (1,) and may_grow(auto, 6)
+    summary = auto.summary([Phase.SERIAL] * 2 + [Phase.PARTITION] * 3 + [Phase.SERIAL] * 5)
+    assert summary["grew"] == [{"step": 2, "device": 0}] and summary["serial_from_step"] == 5
+    failed = GuidanceSchedule(Mode.SERIAL, 10, SDXL_KNOBS, guidance=True, mode_requested=Mode.AUTO)
+    failed.fail_over(1, 0, 1)
+    assert not may_grow(failed, 2)  # a run that lost a device does not reach for another

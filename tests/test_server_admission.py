@@ -132,3 +132,40 @@ def test_the_orchestrator_gate_refuses_a_request_that_cannot_start_within_its_de
     assert len(served) == 2 and len(refused) == 1, outcomes
     assert sorted(r.schedules[0]["devices"][0] for _, r in served) == [0, 1]
     assert refused[0].status() == "StatusCode.UNAVAILABLE" and "server full" in str(refused[0]), str(refused[0])
+
+
+@pytest.fixture(scope="module")
+def deadline_server(sdxl_tiny, tmp_path_factory):
+    """Three orchestrator instances, admission by deadline on (the default)."""
+    repo = tmp_path_factory.mktemp("deadline") / "model_repository"
+    write_repository(repo, {"sdxl": Path(sdxl_tiny)}, Deployment(orchestrator_instances=3))
+    with TritonServer(repo, ready_timeout=240) as running:
+        yield running
+
+
+def test_a_request_that_cannot_finish_within_its_timeout_beside_a_running_one_is_refused_at_once(deadline_server):
+    def send(seed: int, timeout_s: float | None = None):
+        client = make_client("grpc", deadline_server.grpc_url)
+        try:
+            return generate(client, "grpc", "sdxl", ["a lighthouse"], timeout_s=timeout_s, seed=seed, **FIELDS)
+        finally:
+            client.close()
+
+    started = time.perf_counter()
+    send(seed=1)  # warm, teaches the board this size's step cost, and how long one request takes alone
+    solo_s = time.perf_counter() - started
+    running: dict[str, object] = {}
+    first = threading.Thread(target=lambda: running.setdefault("result", send(seed=2)))
+    first.start()
+    time.sleep(solo_s / 4)  # the first request is running on one device
+    started = time.perf_counter()
+    with pytest.raises(InferenceServerException) as refused:
+        send(seed=3, timeout_s=solo_s / 3)  # no placement finishes 100 steps in a third of their solo time
+    refused_s = time.perf_counter() - started
+    assert refused.value.status() == "StatusCode.UNAVAILABLE", str(refused.value)
+    assert "server full" in str(refused.value) and "cannot finish within its timeout" in str(refused.value)
+    assert refused_s < solo_s / 4, (refused_s, solo_s)  # at once, not at the deadline
+    generous = send(seed=4, timeout_s=20 * solo_s)  # the same request with time enough is served
+    first.join(timeout=300)
+    assert running["result"].images.shape == (1, 64, 64, 3)
+    assert max_pixel_diff(generous.images[0], send(seed=4).images[0]) <= 1

@@ -30,12 +30,15 @@ class QueueLimits:
     ``queue_size``: requests that may wait for an orchestrator instance (per family); 0 = unbounded
     (Triton's meaning). ``start_timeout_us``: how long a request may wait before it starts; 0 = no
     limit. A client's own ``timeout`` can only shorten it (Triton 2.51 ignores an override when the
-    default is 0, measured). ``max_per_device``: the orchestrator gate, 0 = off.
+    default is 0, measured). ``max_per_device``: the orchestrator gate, 0 = off. ``admit_by_deadline``:
+    refuse at once a request that cannot finish within its timeout on the current load
+    (``deadline.refusal``).
     """
 
     queue_size: int = 4
     start_timeout_us: int = 60_000_000
     max_per_device: int = 0
+    admit_by_deadline: bool = True
 
     def validate(self) -> None:
         for name in ("queue_size", "start_timeout_us", "max_per_device"):

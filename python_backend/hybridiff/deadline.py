@@ -7,9 +7,12 @@ shared step cheaper than two), so a request's predicted latency is its own work 
 every neighbour's remaining work that overlaps it. Two idle devices are split (the capacity that
 splitting wastes would idle anyway); otherwise it takes the least device time that meets the
 deadline (serial), both devices only when serial would miss and splitting would not, and the
-fastest placement when nothing meets it. A split ``auto`` run that may still yield gives a device
-back when a request sharing one of its devices would otherwise miss its deadline (:func:`give_back`);
-the newcomer's choice counts on that, with the same predicate.
+fastest placement when nothing meets it. The degree of parallelism follows the load between steps:
+a serial ``auto`` run takes a second device once it idles (:func:`grow_device`), and a split ``auto``
+run gives one back as soon as another request is placed there (:func:`yield_device`), unless that
+would make it late; the newcomer's choice counts on both. Admission rests on the same predictions:
+a request that no placement finishes within its timeout without making a running request late is
+refused at once (:func:`refusal`).
 
 The numbers come from the in-flight board (``inflight.py``): each running request's devices, steps
 left, deadline and cost key, and per cost key (family and image size) the seconds per step learned
@@ -22,13 +25,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .schedule import GuidanceSchedule, Mode, NoDeviceLeft, Placement, may_yield, place_request
+from .admission import FULL
+from .schedule import GuidanceSchedule, Mode, NoDeviceLeft, Placement, may_grow, may_yield, place_request
 from .schedule import yield_device as yield_device_by_count
 
 # Weight of the newest sample in the step-cost averages: a few steps follow a change of load or clocks.
 EWMA_ALPHA = 0.2
 DEFAULT_PARALLEL_SPEEDUP = 1.6
 DEFAULT_BATCH_GAIN = 1.5
+# A prediction "meets" a deadline only with this much to spare: the model leaves out what a step costs
+# beyond its learned solo time (the other device's work on shared memory, board reads), and a request
+# stopped at its last step has cost all of its work for nothing (docs/overload.md).
+DEADLINE_MARGIN = 1.1
 
 
 @dataclass(frozen=True)
@@ -59,12 +67,14 @@ class StepSample:
     compute_s: float  # the longest device compute of the step
 
 
-def learn(estimate: dict[str, float], sample: StepSample, alpha: float = EWMA_ALPHA) -> None:
+def learn(estimate: dict[str, float], sample: StepSample, alone: bool = True, alpha: float = EWMA_ALPHA) -> None:
     """Fold one step into a cost key's averages (in place).
 
-    ``serial`` and ``split``: wall seconds of steps that ran alone (what a request's latency is made
-    of); ``serial_compute`` and ``pair_compute``: device seconds of a serial pass alone and shared by
-    two requests, whose ratio is the batching gain. Steps shared by more than two are not learned.
+    ``serial`` and ``split``: wall seconds of steps that ran ``alone`` (no other request on the step's
+    devices: what a request's latency is made of without neighbours, whom the overlap model adds; a
+    neighbour whose pass the batcher did not merge would have the step wait for it); ``serial_compute``
+    and ``pair_compute``: device seconds of a serial pass alone and shared by two requests, whose ratio
+    is the batching gain. Steps shared by more than two are not learned.
     """
 
     def fold(name: str, value: float) -> None:
@@ -72,11 +82,12 @@ def learn(estimate: dict[str, float], sample: StepSample, alpha: float = EWMA_AL
         estimate[name] = value if old is None else (1 - alpha) * old + alpha * value
 
     if sample.kind == "serial" and sample.batched <= 1:
-        fold("serial", sample.wall_s)
+        if alone:
+            fold("serial", sample.wall_s)
         fold("serial_compute", sample.compute_s)
     elif sample.kind == "serial" and sample.batched == 2:
         fold("pair_compute", sample.compute_s)
-    elif sample.kind == "split" and sample.batched <= 1:
+    elif sample.kind == "split" and sample.batched <= 1 and alone:
         fold("split", sample.wall_s)
 
 
@@ -124,9 +135,13 @@ def running_from(
 
 @dataclass(frozen=True)
 class Choice:
+    """A placement with its predicted latency; ``meets``: it meets the newcomer's deadline without pushing a
+    running request past its own (always True without a deadline)."""
+
     mode: Mode
     devices: tuple[int, ...]
     predicted_s: float
+    meets: bool = True
 
 
 def overlap_latency(own_s: float, neighbours_s: list[float], costs: Costs) -> float:
@@ -135,22 +150,39 @@ def overlap_latency(own_s: float, neighbours_s: list[float], costs: Costs) -> fl
     return own_s + costs.overlap_cost * sum(min(n, own_s) for n in neighbours_s)
 
 
-def give_back(pair_remaining_s: float, newcomer_s: float, newcomer_deadline_s: float | None, costs: Costs) -> bool:
-    """Whether a two-device run that may still yield should finish on one device for a newcomer.
+def keeps_pair(run: Running, costs: Costs) -> bool:
+    """Whether a split ``auto`` run keeps both devices when another request shares one: only when going on
+    serially would make it late and keeping both would not. Otherwise it gives one back (a split step
+    costs more device time than a serial one, and waits for the busier device)."""
+    if run.deadline_s is None:
+        return False
+    return run.remaining_s * costs.parallel_speedup > run.deadline_s >= run.remaining_s
 
-    True when the newcomer (``newcomer_s`` seconds of solo work), sharing a device with the two-device
-    run (``pair_remaining_s`` seconds left at its two-device speed), would miss its deadline and would
-    meet it on the device the run gives back. A newcomer without a deadline is given way to, as the
-    count rule does. The run itself then goes on serially.
+
+def yields(run: Running, costs: Costs) -> bool:
+    """Whether ``run`` gives a device back to a newcomer placed on it (see :func:`keeps_pair`)."""
+    return run.may_yield and len(set(run.devices)) == 2 and not keeps_pair(run, costs)
+
+
+def pushes_late(devices: Sequence[int], own_s: float, running: Sequence[Running], costs: Costs,
+                spared: Sequence[Running] = ()) -> list[Running]:
+    """The running requests that a newcomer with ``own_s`` seconds of solo work on ``devices`` would push
+    past their deadlines: each one sharing a device with it is slowed for as long as both run, and counts
+    if it meets its deadline now and would not then. ``spared``: runs that give the device back instead.
+
+    Admitted requests come first: a newcomer that would make one of them late is placed elsewhere or
+    refused (:func:`choose`), so an overload costs the newcomers, not the requests half done.
     """
-    if newcomer_deadline_s is None:
-        return True
-    shared = overlap_latency(newcomer_s, [pair_remaining_s], costs)
-    return shared > newcomer_deadline_s >= newcomer_s
-
-
-def _yields_to(run: Running, newcomer_s: float, deadline_s: float | None, costs: Costs) -> bool:
-    return run.may_yield and len(set(run.devices)) == 2 and give_back(run.remaining_s, newcomer_s, deadline_s, costs)
+    late = []
+    for run in running:
+        if run.deadline_s is None or any(run is s for s in spared) or not set(devices) & set(run.devices):
+            continue
+        others = [o.remaining_s for o in running if o is not run and set(o.devices) & set(run.devices)]
+        now = overlap_latency(run.remaining_s, others, costs)
+        slowed = now + costs.overlap_cost * min(own_s, run.remaining_s)
+        if now * DEADLINE_MARGIN <= run.deadline_s < slowed * DEADLINE_MARGIN:
+            late.append(run)
+    return late
 
 
 def choose(
@@ -165,50 +197,112 @@ def choose(
     """The mode for a new ``auto`` request of ``steps`` steps with ``deadline_s`` seconds to finish.
 
     Both least busy devices idle: ``hybrid``. Otherwise serial on the device that finishes it first,
-    if that meets the deadline (a split auto run there that would give the device back, by
-    :func:`give_back`, is not counted); else both least busy devices (``cfg_parallel``) if that does;
-    else whichever is predicted fastest. Only devices that are ``up`` are chosen; ties go to less
-    work left, then to the lower index.
+    if that meets the deadline (a split auto run there that gives the device back, by :func:`yields`,
+    is not counted; a serial run takes a second device once one is idle, by :func:`grow_device`, which
+    the prediction counts on); else both least busy devices (``cfg_parallel``) if that does; else
+    whichever is predicted fastest, marked as not meeting it. A placement that would push a running
+    request past its deadline (:func:`pushes_late`) does not count as meeting it. Only devices that are
+    ``up`` are chosen; ties go to less work left, then to the lower index.
     """
     candidates = [d for d in range(num_devices) if up is None or up[d]]
     if not candidates:
         raise NoDeviceLeft(f"all {num_devices} devices are down")
     own_s = steps * costs.step_s
+    yielding = [r for r in running if yields(r, costs)]
 
     def neighbours(device: int, alone_here: bool) -> list[float]:
         return [r.remaining_s for r in running
-                if device in r.devices and not (alone_here and _yields_to(r, own_s, deadline_s, costs))]
+                if device in r.devices and not (alone_here and any(r is y for y in yielding))]
+
+    def free_after(device: int) -> float:
+        """When ``device`` has no other request left (a yielding split run there goes on serially)."""
+        return max((r.remaining_s * (costs.parallel_speedup if any(r is y for y in yielding) else 1.0)
+                    for r in running if device in r.devices), default=0.0)
+
+    def grown_latency(device: int, serial_s: float) -> float:
+        """Serial on ``device`` until another device is free, then partitioned over both (:func:`grow_device`)."""
+        others = [d for d in candidates if d != device]
+        if not guidance or not others or costs.parallel_speedup <= 1.0:
+            return serial_s
+        wait = min(free_after(d) for d in others)
+        if wait >= serial_s:
+            return serial_s
+        left = own_s * (1.0 - wait / serial_s)
+        after = [max(n - wait, 0.0) for n in neighbours(device, True)]
+        return min(serial_s, wait + overlap_latency(left / costs.parallel_speedup, after, costs))
+
+    def option(mode: Mode, devices: tuple[int, ...], work_s: float, alone_here: bool) -> Choice:
+        predicted = max(overlap_latency(work_s, neighbours(d, alone_here), costs) for d in devices)
+        if mode is Mode.SERIAL:
+            predicted = grown_latency(devices[0], predicted)
+        if deadline_s is None:
+            return Choice(mode, devices, predicted)
+        spared = yielding if alone_here else ()
+        meets = predicted * DEADLINE_MARGIN <= deadline_s and not pushes_late(devices, work_s, running, costs, spared)
+        return Choice(mode, devices, predicted, meets)
 
     # Equal predictions (e.g. neighbours all longer than this request, or batching that looks free)
     # go to the device with less work left, then the lower index.
-    serial = min(
-        (Choice(Mode.SERIAL, (d,), overlap_latency(own_s, neighbours(d, True), costs)) for d in candidates),
-        key=lambda c: (c.predicted_s, sum(neighbours(c.devices[0], True)), c.devices),
-    )
+    serials = [option(Mode.SERIAL, (d,), own_s, True) for d in candidates]
+    serial = min(serials, key=lambda c: (not c.meets, c.predicted_s, sum(neighbours(c.devices[0], True)), c.devices))
     if not guidance or len(candidates) < 2:
         return serial
     order = sorted(candidates, key=lambda d: (sum(neighbours(d, False)), d))
     pair = (min(order[:2]), max(order[:2]))
     split_s = own_s / costs.parallel_speedup
     if not neighbours(pair[0], False) and not neighbours(pair[1], False):
-        return Choice(Mode.HYBRID, pair, split_s)
-    parallel = Choice(
-        Mode.CFG_PARALLEL, pair, max(overlap_latency(split_s, neighbours(d, False), costs) for d in pair)
-    )
-    if deadline_s is None or serial.predicted_s <= deadline_s:
+        return option(Mode.HYBRID, pair, split_s, False)
+    parallel = option(Mode.CFG_PARALLEL, pair, split_s, False)
+    if deadline_s is None or serial.meets:
         return serial
-    if parallel.predicted_s <= deadline_s:
+    if parallel.meets:
         return parallel
     return min((serial, parallel), key=lambda c: (c.predicted_s, len(c.devices)))
 
 
+def predict(placement: Placement, steps: int, deadline_s: float | None, running: Sequence[Running],
+            costs: Costs) -> Choice:
+    """The latency of an explicit placement on this load, and whether it meets ``deadline_s`` as :func:`choose`
+    counts it (its own deadline, and no running request pushed past its own)."""
+    own_s = steps * costs.step_s
+    devices = placement.devices
+    work_s = own_s / costs.parallel_speedup if len(devices) == 2 else own_s
+    predicted = max(
+        overlap_latency(work_s, [r.remaining_s for r in running if d in r.devices], costs) for d in devices
+    )
+    meets = deadline_s is None or (
+        predicted * DEADLINE_MARGIN <= deadline_s and not pushes_late(devices, work_s, running, costs)
+    )
+    return Choice(placement.mode, devices, predicted, meets)
+
+
+def refusal(choice: Choice, deadline_s: float | None, idle: bool = False) -> str | None:
+    """Why a request is refused at once instead of started, or None to start it.
+
+    A request whose timeout no placement can meet on the current load would be stopped at that deadline
+    with its work wasted, or would take the devices from requests that can still meet theirs: it is
+    refused now, with the same retryable answer as a full queue. On an ``idle`` server nothing is refused:
+    it costs no one else, and running is what refreshes an estimate that may have gone stale (with every
+    request refused, none would).
+    """
+    if choice.meets or deadline_s is None or idle:
+        return None
+    return (
+        f"{FULL}: the request cannot finish within its timeout on the current load ({max(deadline_s, 0):.2f} s "
+        f"left, {choice.predicted_s:.2f} s predicted, or a running request would be made late); "
+        "retry later or with a longer timeout"
+    )
+
+
 @dataclass(frozen=True)
 class Decision:
-    """A placement and what it was decided by: ``rule`` "deadline" (with the prediction) or "count"."""
+    """A placement and what it was decided by: ``rule`` "deadline" (with the prediction) or "count";
+    ``refused``: why it must not start (:func:`refusal`), None to start it."""
 
     placement: Placement
     rule: str
     predicted_s: float | None = None
+    refused: str | None = None
 
 
 def place(
@@ -220,18 +314,28 @@ def place(
     running: Sequence[Running] | None,
     loads: list[int],
     up: Sequence[bool] | None = None,
+    admit_by_deadline: bool = True,
 ) -> Decision:
     """Where a request runs: ``auto`` by :func:`choose` when the board has the numbers (``costs`` for
-    the request's size, ``running`` for every job), every other case by ``place_request``'s count rule."""
+    the request's size, ``running`` for every job), every other case by ``place_request``'s count rule.
+
+    With the numbers and a deadline, ``admit_by_deadline`` refuses (``Decision.refused``) a request of any
+    mode that its placement cannot finish in time without making a running request late.
+    """
     counted = place_request(mode, loads, guidance, up)
-    if mode is not Mode.AUTO or costs is None or running is None:
+    if costs is None or running is None:
         return Decision(counted, "count")
+    if mode is not Mode.AUTO:
+        predicted = predict(counted, steps, deadline_s, running, costs)
+        refused = refusal(predicted, deadline_s, idle=not running) if admit_by_deadline else None
+        return Decision(counted, "count", predicted.predicted_s, refused)
     choice = choose(steps, deadline_s, running, costs, len(loads), guidance, up)
     if choice.mode is Mode.SERIAL:
         placement = Placement(Mode.SERIAL, choice.devices[0], counted.pair, guidance)
     else:
         placement = Placement(choice.mode, choice.devices[0], (choice.devices[0], choice.devices[1]), guidance)
-    return Decision(placement, "deadline", choice.predicted_s)
+    refused = refusal(choice, deadline_s, idle=not running) if admit_by_deadline else None
+    return Decision(placement, "deadline", choice.predicted_s, refused)
 
 
 @dataclass(frozen=True)
@@ -245,6 +349,7 @@ class BoardView:
     me: Running | None
     others: list[Running] | None
     costs: Costs | None
+    up: list[bool] | None = None  # devices that may be placed on (None: all)
 
 
 def view_of(snapshot, key: str | None, cost_key: str) -> BoardView:
@@ -252,19 +357,20 @@ def view_of(snapshot, key: str | None, cost_key: str) -> BoardView:
     a newcomer not on the board yet) of cost key ``cost_key``."""
     running = running_from(snapshot.jobs, snapshot.costs, snapshot.now)
     costs = costs_from(snapshot.costs.get(cost_key))
+    up = list(snapshot.up)
     if running is None:
-        return BoardView(list(snapshot.loads), None, None, costs)
+        return BoardView(list(snapshot.loads), None, None, costs, up)
     others = [r for k, r in running.items() if k != key]
-    return BoardView(list(snapshot.loads), running.get(key) if key is not None else None, others, costs)
+    return BoardView(list(snapshot.loads), running.get(key) if key is not None else None, others, costs, up)
 
 
 def yield_device(schedule: GuidanceSchedule, step: int, view: BoardView) -> int | None:
     """For a split ``auto`` run that may still yield: the device to finish on alone, or None to keep both.
 
-    With the board's numbers: yield when a request on exactly one of its devices would miss its
-    deadline unless given that device (:func:`give_back`; one without a deadline is given way to, as
-    before); continue on the pair's device fewer others share (less work, then the lower index on
-    ties). Without them: the count rule (``schedule.yield_device``).
+    With the board's numbers: yield as soon as another request shares one of its devices, unless going on
+    serially would make the run late and keeping both would not (:func:`keeps_pair`); continue on the
+    pair's device fewer others share (less work, then the lower index on ties). Without them: the count
+    rule (``schedule.yield_device``).
     """
     if not may_yield(schedule, step):
         return None
@@ -272,8 +378,7 @@ def yield_device(schedule: GuidanceSchedule, step: int, view: BoardView) -> int 
     if me is None or others is None or costs is None:
         return yield_device_by_count(schedule, step, view.loads)
     pair = set(schedule.pair)
-    sharing = [o for o in others if len(pair & set(o.devices)) == 1]
-    if not any(give_back(me.remaining_s, o.remaining_s, o.deadline_s, costs) for o in sharing):
+    if not any(pair & set(o.devices) for o in others) or keeps_pair(me, costs):
         return None
 
     def busy(device: int) -> tuple[int, float, int]:
@@ -281,3 +386,20 @@ def yield_device(schedule: GuidanceSchedule, step: int, view: BoardView) -> int 
         return len(on_it), sum(o.remaining_s for o in on_it), device
 
     return min(schedule.pair, key=busy)
+
+
+def grow_device(schedule: GuidanceSchedule, step: int, view: BoardView) -> int | None:
+    """For an ``auto`` run on one device: an idle device to partition the remaining steps over, or None.
+
+    A device no request occupies would idle: taking it finishes this run sooner at no one's cost, and the
+    run gives it back as soon as another request is placed there (:func:`yield_device`). Not when the
+    board measured a split step no faster than a serial one for this run's size.
+    """
+    if not may_grow(schedule, step):
+        return None
+    if view.costs is not None and view.costs.parallel_speedup <= 1.0:
+        return None
+    mine = schedule.serial_device
+    idle = [d for d, load in enumerate(view.loads)
+            if d != mine and load == 0 and (view.up is None or view.up[d])]
+    return min(idle, default=None)

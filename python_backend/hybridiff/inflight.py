@@ -277,7 +277,9 @@ class InFlightBoard:
                 return
             entry["steps_left"], entry["may_yield"] = steps_left, may_yield
             if sample is not None and entry.get("cost_key"):
-                learn(state.costs.setdefault(entry["cost_key"], {}), sample)
+                mine = set(entry["devices"])
+                alone = not any(mine & set(other["devices"]) for k, other in state.entries.items() if k != key)
+                learn(state.costs.setdefault(entry["cost_key"], {}), sample, alone)
 
     def mark_down(self, device: int) -> list[bool]:
         """Record that ``device`` failed; returns which devices are up now."""

@@ -26,6 +26,7 @@ from .schedule import (
     NoDeviceLeft,
     Phase,
     failover_device,
+    may_grow,
     may_yield,
     rel_mae,
     yield_device,
@@ -183,7 +184,8 @@ async def denoise_image(
     """Run the whole denoising loop for one image; returns the final latents and the report.
 
     ``branch_cond`` maps ``uncond``/``cond`` to that branch's text conditioning (batch 1).
-    Between steps an ``auto`` hybrid may yield a device (:func:`yield_device`, from ``hooks.loads``);
+    Between steps an ``auto`` split run may yield a device (:func:`yield_device`, from ``hooks.loads``) and
+    an ``auto`` serial run may grow onto an idle one (``deadline.grow_device``, from ``hooks.board_view``);
     when a device is gone the same step runs again where :func:`failover_device` says, and
     :class:`NoDeviceLeft` is raised when no device is left.
     """
@@ -221,6 +223,13 @@ async def denoise_image(
                 device = None if loads is None else yield_device(schedule, step, loads)
             if device is not None:
                 schedule.continue_serially(step, device)
+                hooks.occupy(schedule.devices_in_use)
+            report.placement_seconds += time.perf_counter() - step_started
+        elif may_grow(schedule, step):
+            view = hooks.board_view()
+            device = None if view is None else deadline.grow_device(schedule, step, view)
+            if device is not None:
+                schedule.grow(step, device)
                 hooks.occupy(schedule.devices_in_use)
             report.placement_seconds += time.perf_counter() - step_started
         model_input = latent_math.scale_model_input(scheduler, latents, timestep)

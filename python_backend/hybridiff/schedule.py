@@ -28,10 +28,15 @@ class Mode(str, Enum):
 
 
 class Reason(str, Enum):
-    """Why a run was re-placed onto one device mid-way."""
+    """Why a run was re-placed mid-way."""
 
-    YIELD = "yield"  # an ``auto`` hybrid gave up a device to newcomers (see :func:`yield_device`)
+    YIELD = "yield"  # an ``auto`` split run gave up a device to newcomers (see :func:`yield_device`)
     FAILOVER = "failover"  # a device of the run failed (see :func:`failover_device`)
+    GROW = "grow"  # an ``auto`` run on one device took a second, idle one (see ``deadline.grow_device``)
+
+
+# A run grows onto an idle device only with at least this many steps left: fewer do not pay for the move.
+MIN_GROW_STEPS = 3
 
 
 class NoDeviceLeft(RuntimeError):
@@ -74,9 +79,10 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class Replacement:
-    """One re-placement of a run: from ``step`` on, every step runs whole on ``continued_on``.
+    """One re-placement of a run: from ``step`` on, every step runs whole on ``continued_on`` (yield,
+    failover), or partitioned over ``continued_on`` and ``device`` (grow).
 
-    ``device`` is the device given up (yield) or the one that failed (failover).
+    ``device`` is the device given up (yield), the one that failed (failover) or the one taken (grow).
     """
 
     reason: Reason
@@ -168,10 +174,16 @@ class GuidanceSchedule:
         self.knobs.validate()
 
     @property
+    def grown(self) -> bool:
+        """Whether the run last took a second device (:meth:`grow`): condition partitioning since."""
+        return bool(self.replacements) and self.replacements[-1].reason is Reason.GROW
+
+    @property
     def effective_mode(self) -> Mode:
-        """The mode the next step runs in: serial once the run was re-placed onto one device."""
+        """The mode the next step runs in: serial once the run was re-placed onto one device,
+        condition partitioning once it grew onto two."""
         if self.replacements:
-            return Mode.SERIAL
+            return Mode.CFG_PARALLEL if self.grown else Mode.SERIAL
         devices = self.devices if self.pair[0] != self.pair[1] else 1
         return effective_mode(self.mode, self.guidance, devices)
 
@@ -261,10 +273,23 @@ class GuidanceSchedule:
         Only before any pipeline step: up to then a hybrid run is the same math as serial (condition
         partitioning only splits the batch), so the image stays that of a serial run of the request.
         """
-        if self.pipeline_started(step):
+        if self.effective_mode is Mode.HYBRID and self.pipeline_started(step):
             raise ValueError("a hybrid run can only turn serial before its pipeline phase")
         given_up = next((d for d in self.devices_in_use if d != device), device)
         self.replacements.append(Replacement(Reason.YIELD, step, given_up, device))
+
+    def grow(self, step: int, device: int) -> None:
+        """Grow: from ``step`` on, partition by condition over the run's device and ``device``, an idle one
+        (decided by ``deadline.grow_device``). Serial and condition partitioning are the same math, so the
+        image stays that of a serial run; the run gives the device back (:meth:`continue_serially`) when
+        another request needs it."""
+        if self.effective_mode is not Mode.SERIAL or not self.guidance:
+            raise ValueError("only a serial run with guidance can grow onto a second device")
+        current = self.serial_device
+        if device == current:
+            raise ValueError(f"device {device} is the run's own device")
+        self.pair = (min(current, device), max(current, device))
+        self.replacements.append(Replacement(Reason.GROW, step, device, current))
 
     def fail_over(self, step: int, failed: int, device: int) -> None:
         """Failover: ``failed`` is gone, so step ``step`` and the rest run whole on ``device``
@@ -289,7 +314,8 @@ class GuidanceSchedule:
             "phases": phases,
             "phase_steps": {p.value: phases.count(p.value) for p in Phase if p.value in phases},
             "rel_mae": self.rel_mae_curve,
-            "serial_from_step": self.replacements[0].step if self.replacements else None,
+            "serial_from_step": next((r.step for r in self.replacements if r.reason is not Reason.GROW), None),
+            "grew": [{"step": r.step, "device": r.device} for r in self.replacements if r.reason is Reason.GROW],
             "failover": [
                 {"device": r.device, "step": r.step, "continued_on": r.continued_on}
                 for r in self.replacements
@@ -340,20 +366,37 @@ def place_request(mode: Mode, loads: list[int], guidance: bool, up: Sequence[boo
 
 
 def may_yield(schedule: GuidanceSchedule, step: int) -> bool:
-    """Whether the run could still give up a device at ``step``: a hybrid that ``auto`` placed,
-    before its pipeline phase. Only ``auto`` may re-place a run for load: an explicit mode is a promise.
+    """Whether the run could still give up a device at ``step``: a hybrid that ``auto`` placed, before its
+    pipeline phase, or an ``auto`` run that grew onto a second device. Only ``auto`` may re-place a run
+    for load: an explicit mode is a promise.
 
     Cheap, so callers ask it before reading the loads that :func:`yield_device` needs.
     """
+    if schedule.mode_requested is not Mode.AUTO:
+        return False
+    if schedule.grown:
+        return True
+    return schedule.effective_mode is Mode.HYBRID and not schedule.pipeline_started(step)
+
+
+def may_grow(schedule: GuidanceSchedule, step: int) -> bool:
+    """Whether the run could take a second, idle device at ``step``: an ``auto`` run on one device with
+    guidance to partition, not re-placed by a failover, and with enough steps left to pay for it.
+
+    Cheap, so callers ask it before reading the board.
+    """
     return (
         schedule.mode_requested is Mode.AUTO
-        and schedule.effective_mode is Mode.HYBRID
-        and not schedule.pipeline_started(step)
+        and schedule.guidance
+        and schedule.devices >= 2
+        and schedule.effective_mode is Mode.SERIAL
+        and not any(r.reason is Reason.FAILOVER for r in schedule.replacements)
+        and schedule.steps - step >= MIN_GROW_STEPS
     )
 
 
 def yield_device(schedule: GuidanceSchedule, step: int, loads: list[int]) -> int | None:
-    """For a hybrid run placed by ``auto``: the device to finish on alone, once others share its pair.
+    """For a split run placed by ``auto`` (or grown): the device to finish on alone, once others share its pair.
 
     A hybrid step waits for both devices, so a newcomer on either one slows every remaining step;
     before the pipeline phase the run can instead continue serially on the less busy device of

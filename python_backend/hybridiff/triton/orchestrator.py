@@ -24,7 +24,7 @@ import torch
 
 from .. import wire
 from ..admission import QueueLimits, admit
-from ..deadline import BoardView, StepSample, place, view_of
+from ..deadline import EWMA_ALPHA, BoardView, StepSample, place, view_of
 from ..families import get_family
 from ..families.base import DenoiseOutput, Family
 from ..inflight import CancelMark, InFlightBoard, Job, Occupancy, Snapshot, default_board_path, remove_dead_boards
@@ -45,6 +45,10 @@ class DeviceError(RuntimeError):
 
 class InputRefused(RuntimeError):
     """The text encoder refused the request's input (e.g. an SD3 prompt over its token limit)."""
+
+
+class Refused(RuntimeError):
+    """The request was refused before it started (the server cannot serve it in time now): retryable."""
 
 
 async def call_model(pb, model: str, inputs: list, outputs: list[str], fields: tuple[str, ...] = ()):
@@ -188,7 +192,9 @@ class TritonPythonModel:
         self.queues = QueueLimits(
             max_per_device=int(params.get("max_per_device", "0")),
             start_timeout_us=int(params.get("start_timeout_us", "0")),
+            admit_by_deadline=params.get("admit_by_deadline", "1") == "1",
         )
+        self.decode_s: dict[str, float] = {}  # cost key -> seconds to decode one image (moving average)
 
     async def _denoise_placed(
         self, image_request: ImageRequest, branch_cond, cancelled, deadline: float | None
@@ -203,16 +209,23 @@ class TritonPythonModel:
         seconds_left = None if deadline is None else deadline - time.monotonic()
         job = Job(image_request.steps, cost_key, None if seconds_left is None else self.board.clock() + seconds_left)
 
+        # What the denoising may take: the time left less this size's decoding, which follows it.
+        denoise_s = None if seconds_left is None else seconds_left - self.decode_s.get(cost_key, 0.0)
+
         def choose(snapshot: Snapshot):
             view = view_of(snapshot, None, cost_key)
-            decided = place(image_request.mode, guidance, image_request.steps, seconds_left, view.costs,
-                            view.others, snapshot.loads, snapshot.up)
+            decided = place(image_request.mode, guidance, image_request.steps, denoise_s, view.costs,
+                            view.others, snapshot.loads, snapshot.up, self.queues.admit_by_deadline)
+            if decided.refused is not None:
+                return (decided, snapshot.loads), ()
             placement = decided.placement
             job.may_yield = image_request.mode is Mode.AUTO and placement.mode is Mode.HYBRID
             return (decided, snapshot.loads), placement.devices
 
         with self.board.occupy(choose, job) as occupancy:
             decided, loads = occupancy.decision
+            if decided.refused is not None:
+                raise Refused(decided.refused)
             placement = decided.placement
             placed = dataclasses.replace(
                 image_request,
@@ -231,6 +244,14 @@ class TritonPythonModel:
                    "deadline_left_s": None if seconds_left is None else round(seconds_left, 3)}
         self.metrics.record(summary)
         return latents, summary
+
+    def _learn_decode(self, image_request: ImageRequest, seconds: float, images: int) -> None:
+        """Fold one decoding's seconds per image into this size's average, which placement subtracts from a
+        request's time left (the deadline stops denoising, not decoding)."""
+        key = f"{self.family.name}:{image_request.height}x{image_request.width}"
+        old = self.decode_s.get(key)
+        per_image = seconds / max(images, 1)
+        self.decode_s[key] = per_image if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * per_image
 
     async def execute(self, requests):
         return list(await asyncio.gather(*(self._execute_one(r) for r in requests)))
@@ -309,7 +330,9 @@ class TritonPythonModel:
                 schedules.append(json.dumps(summary))
             # Only a cancel stops a finished run here: the deadline bounds the waiting, not the decoding.
             check_request(cancelled, None, "decoding the latents")
+            decode_started = time.monotonic()
             image = await self._decode(torch.cat(latents), cancelled, deadline)
+            self._learn_decode(image_requests[0], time.monotonic() - decode_started, len(latents))
         except InputRefused as err:
             return error_response(str(err), "INVALID_ARG")
         except DeviceError as err:
@@ -318,7 +341,7 @@ class TritonPythonModel:
             return error_response(
                 f"no {self.family.name} denoiser device is up ({err}); retry once a device is back", "UNAVAILABLE"
             )
-        except StillGone as err:
+        except (StillGone, Refused) as err:
             return error_response(str(err), "UNAVAILABLE")
         except RunStopped as err:
             self.pb.Logger.log_info(f"{self.family.name}: {err}")
