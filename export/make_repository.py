@@ -2,8 +2,10 @@
 
     python -m export.make_repository --model sdxl=checkpoints/sdxl-small --devices 2 --kind cpu
 
-Per family it writes the public model ``<family>`` (the BLS orchestrator: it calls the others),
-``<family>_text_encoder``, ``<family>_denoiser_<i>`` (one per device) and ``<family>_vae``. Every
+Per family it writes the public model ``<family>`` (a thin front that hands each request to the next one
+and sends it again should that one's process die), ``<family>_orchestrator`` (the BLS model that runs the
+request: it calls the others), ``<family>_text_encoder``, ``<family>_denoiser_<i>`` (one per device) and
+``<family>_vae``. Every
 ``model.py`` is a one-line import of the logic in ``hybridiff.triton``; configs come from the
 wire definition (``hybridiff.wire``), so the repository is reproducible from this one command.
 """
@@ -28,7 +30,8 @@ class Deployment:
 
     devices: int = 2
     kind: str = "cpu"  # "cpu" or "gpu"
-    orchestrator_instances: int = 4  # public model instances: requests in flight per family (a process each)
+    # Instances of the public front and of the orchestrator (a process each): requests in flight per family.
+    orchestrator_instances: int = 4
     max_device_batch: int = 8  # samples one denoiser forward may hold when requests meet on a device
     # How long a device waits for more requests before a forward. 0 batches only what queued while
     # it was busy; a delay of about one orchestrator round trip also catches requests stepping in
@@ -105,9 +108,9 @@ def family_models(family: FamilyWire, checkpoint: str, deployment: Deployment) -
     models: dict[str, tuple[str, str]] = {}
     prompts = _tensors((spec.tensor for spec in wire.PROMPT_INPUTS), deployment)
     queues = deployment.queues
-    # Only running public requests call the encoder and the VAE, one call each at a time: a queue of
-    # the public model's instance count never refuses what it admitted. Only the public model has a
-    # start deadline (a refusal after denoising would throw the work away).
+    # Only running public requests call the orchestrator, the encoder and the VAE, one call each at a time:
+    # a queue of the public model's instance count never refuses what it admitted. Only the public model
+    # has a start deadline (a refusal after denoising would throw the work away).
     held = deployment.orchestrator_instances
     branch_outputs = _tensors(family.branch_outputs(), deployment)
 
@@ -151,7 +154,8 @@ def family_models(family: FamilyWire, checkpoint: str, deployment: Deployment) -
         ),
         "vae",
     )
-    public_params = {
+    orchestrator = f"{name}_orchestrator"
+    orchestrator_params = {
         **common,
         "text_encoder": f"{name}_text_encoder",
         "denoisers": ",".join(denoisers),
@@ -161,16 +165,29 @@ def family_models(family: FamilyWire, checkpoint: str, deployment: Deployment) -
         "start_timeout_us": str(queues.start_timeout_us),
         "admit_by_deadline": "1" if queues.admit_by_deadline else "0",
     }
+    request_inputs = [spec.tensor for spec in wire.REQUEST_INPUTS]
+    instances = _instances(deployment, 0, deployment.orchestrator_instances, cpu_only=True)
+    models[orchestrator] = (
+        _config(
+            orchestrator,
+            _tensors([*request_inputs, wire.REQUEST_KEY], deployment),
+            _tensors(wire.RESPONSE_OUTPUTS, deployment),
+            _queue_policy(held) + instances + _parameters(orchestrator_params),
+        ),
+        "orchestrator",
+    )
+    # The public front: where requests wait (the public queue policy and start deadline), as many instances as
+    # the orchestrator, so that each request it holds has an orchestrator instance to run on.
     models[name] = (
         _config(
             name,
-            _tensors((spec.tensor for spec in wire.REQUEST_INPUTS), deployment),
+            _tensors(request_inputs, deployment),
             _tensors(wire.RESPONSE_OUTPUTS, deployment),
             _queue_policy(queues.queue_size, queues.start_timeout_us)
-            + _instances(deployment, 0, deployment.orchestrator_instances, cpu_only=True)
-            + _parameters(public_params),
+            + instances
+            + _parameters({"family": name, "orchestrator": orchestrator}),
         ),
-        "orchestrator",
+        "front",
     )
     return models
 
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--devices", type=int, default=2, help="denoiser devices (one model each)")
     parser.add_argument("--kind", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--orchestrator-instances", type=int, default=Deployment.orchestrator_instances,
-                        help="instances of the public model (the orchestrator): requests in flight per family")
+                        help="instances of the public front and of the orchestrator: requests in flight per family")
     parser.add_argument("--batch-delay-us", type=int, default=Deployment.batch_delay_us,
                         help="denoiser dynamic batching: max queue delay in microseconds")
     parser.add_argument("--queue-size", type=int, default=QueueLimits.queue_size,

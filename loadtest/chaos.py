@@ -5,11 +5,13 @@
 Starts a server (127.0.0.1, admin key, supervisor on) on a repository with both families, runs
 ``--users`` closed-loop clients (both families, every mode, the project's client with its bounded
 retries), and, every ``--gap-s`` seconds, SIGKILLs one stub: per round a denoiser, the text
-encoder, the VAE and an instance of the public model (the orchestrator, named ``<family>``),
-alternating families and denoiser devices. A fault
-is recovered when the supervisor has loaded the model again and one request in every mode of that
-family succeeded; its time to recover runs from the kill. Writes ``chaos.csv`` (one row per
-fault) and ``chaos.md`` (totals, failures by reason, the fault table, the command and commit).
+encoder, the VAE, an instance of the orchestrator (``<family>_orchestrator``) and an instance of the
+public front (``<family>``), alternating families and denoiser devices; of a model's instances, the one
+busiest at that moment (the one an out-of-memory kill would hit). A fault is recovered when the
+supervisor has loaded the model again and one request in every mode of that family succeeded; its time
+to recover runs from the kill. Writes ``chaos.csv`` (one row per fault) and ``chaos.md`` (totals,
+failures by reason, a table per kind and one per fault, the command and commit). Requests the front
+sent again (``resubmitted`` in their schedule) are counted apart from those the client retried.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from loadtest.csvfile import write_csv
 
-KINDS = ("denoiser", "text_encoder", "vae", "orchestrator")  # "orchestrator": the public model <family>
+KINDS = ("denoiser", "text_encoder", "vae", "orchestrator", "front")  # "front": the public model <family>
 FAMILIES = ("sdxl", "sd3")
 MODES = ("serial", "cfg_parallel", "pipeline", "hybrid", "auto")
 PROMPTS = ("a lighthouse at dusk", "a red fox in snow", "a bowl of peaches", "a neon street at night")
@@ -55,7 +57,7 @@ def fault_plan(rounds: int, families: Sequence[str] = FAMILIES, devices: int = 2
     faults = []
     for index, (round_, kind) in enumerate(itertools.product(range(rounds), KINDS)):
         family = families[(round_ + KINDS.index(kind)) % len(families)]
-        named = {"denoiser": f"{family}_denoiser_{round_ % devices}", "orchestrator": family}
+        named = {"denoiser": f"{family}_denoiser_{round_ % devices}", "front": family}
         model = named.get(kind, f"{family}_{kind}")
         faults.append(Fault(index, family, model, kind))
     return faults
@@ -65,6 +67,7 @@ def failure_reason(error: BaseException | str) -> str:
     """A short, stable reason for a failed request, for counting."""
     text = str(error)
     for fragment, reason in (
+        (" is unavailable (", "a model still gone at the request's deadline"),  # quotes the outage's error
         ("is not healthy", "stub process not healthy (killed while holding the request)"),
         ("is not ready", "model not ready (being brought back)"),
         ("has no available versions", "model unloaded (being brought back)"),
@@ -88,6 +91,7 @@ class RequestRecord:
     ok: bool
     reason: str | None = None  # of the final failure
     retried: list[str] = field(default_factory=list)  # reasons of the failures retried past
+    resubmitted: int = 0  # tries the public front sent again while the orchestrator was gone
 
 
 @dataclass
@@ -126,9 +130,33 @@ def fault_rows(faults: Sequence[FaultRecord], requests: Sequence[RequestRecord])
             "failed": sum(failed.values()),
             "failed_reasons": "; ".join(f"{n}x {reason}" for reason, n in failed.most_common()),
             "retried_past": "; ".join(f"{n}x {reason}" for reason, n in retried.most_common()),
+            "resubmitted_requests": sum(r.resubmitted > 0 for r in during),
             "note": record.note,
         })
     return rows
+
+
+def kind_rows(rows: Sequence[dict]) -> list[dict]:
+    """One row per kind of stub killed: faults, the slowest recovery, and what the requests in the windows met."""
+    result = []
+    for kind in dict.fromkeys(row["kind"] for row in rows):
+        mine = [row for row in rows if row["kind"] == kind]
+
+        def slowest(column: str, mine: list[dict] = mine) -> float | str:
+            values = [row[column] for row in mine]
+            return "" if "" in values else max(values)  # "": a fault that did not recover
+
+        result.append({
+            "kind": kind,
+            "faults": len(mine),
+            "reloaded_max_s": slowest("reloaded_s"),
+            "serving_every_mode_max_s": slowest("serving_every_mode_s"),
+            "requests_in_windows": sum(row["requests_in_window"] for row in mine),
+            "failed": sum(row["failed"] for row in mine),
+            "retried_by_client": sum(bool(row["retried_past"]) for row in mine),
+            "resubmitted_by_front": sum(row["resubmitted_requests"] for row in mine),
+        })
+    return result
 
 
 def summary(requests: Sequence[RequestRecord]) -> dict:
@@ -139,6 +167,7 @@ def summary(requests: Sequence[RequestRecord]) -> dict:
         "failed": len(failed),
         "failed_reasons": Counter(r.reason for r in failed),
         "retried_past": Counter(reason for r in requests for reason in r.retried),
+        "resubmitted": sum(r.resubmitted > 0 for r in requests),
     }
 
 
@@ -148,15 +177,25 @@ def markdown(rows: Sequence[dict], totals: dict, header: str) -> str:
     for title, counts in (("Failed (after the client's retries)", totals["failed_reasons"]),
                           ("Failures retried past by the client", totals["retried_past"])):
         lines.append(f"{title}: " + (", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "none") + ".")
+    lines.append(f"Requests the public front sent again (their orchestrator killed): {totals['resubmitted']}.")
+    lines += ["", "Per kind of stub killed (slowest recovery; requests in the fault windows):", "",
+              "| kind | faults | reloaded | serving every mode | requests | failed | faults with client retries "
+              "| requests sent again by the front |", "|---|---|---|---|---|---|---|---|"]
+    for k in kind_rows(rows):
+        lines.append(f"| {k['kind']} | {k['faults']} | {_seconds(k['reloaded_max_s'])} "
+                     f"| {_seconds(k['serving_every_mode_max_s'])} | {k['requests_in_windows']} | {k['failed']} "
+                     f"| {k['retried_by_client']} | {k['resubmitted_by_front']} |")
     lines += ["", "| fault | kind | model (instance) | reloaded | serving every mode | requests in window | failed "
-              "| failed reasons | retried past |", "|---|---|---|---|---|---|---|---|---|"]
+              "| failed reasons | retried past | sent again by the front |", "|---" * 10 + "|"]
     for r in rows:
-        reloaded = f"{r['reloaded_s']} s" if r["reloaded_s"] != "" else "no"
-        serving = f"{r['serving_every_mode_s']} s" if r["serving_every_mode_s"] != "" else "no"
-        lines.append(f"| {r['fault']} | {r['kind']} | {r['model']} ({r['instance']}) | {reloaded} | {serving} "
-                     f"| {r['requests_in_window']} | {r['failed']} | {r['failed_reasons'] or '-'} "
-                     f"| {r['retried_past'] or '-'} |")
+        lines.append(f"| {r['fault']} | {r['kind']} | {r['model']} ({r['instance']}) | {_seconds(r['reloaded_s'])} "
+                     f"| {_seconds(r['serving_every_mode_s'])} | {r['requests_in_window']} | {r['failed']} "
+                     f"| {r['failed_reasons'] or '-'} | {r['retried_past'] or '-'} | {r['resubmitted_requests']} |")
     return "\n".join(lines) + "\n"
+
+
+def _seconds(value: float | str) -> str:
+    return f"{value} s" if value != "" else "no"
 
 
 def write_outputs(out: Path, rows: Sequence[dict], requests: Sequence[RequestRecord], header: str) -> None:
@@ -194,18 +233,20 @@ class Load:
                 family, mode = self.families[user % len(self.families)], next(modes)
                 retried: list[str] = []
                 started = time.monotonic()
+                resubmitted = 0
                 try:
-                    generate_with_retry(
+                    result = generate_with_retry(
                         client, "http", family, [rng.choice(PROMPTS)], retries=self.retries,
                         on_retry=lambda n, err, d, seen=retried: seen.append(failure_reason(err)),
                         mode=mode, seed=rng.randrange(1000), **self.fields,
                     )
                     ok, reason = True, None
+                    resubmitted = sum(t["tries"] for t in result.schedules[0].get("resubmitted", []))
                 except Exception as err:  # counted by reason
                     ok, reason = False, failure_reason(err)
                 with self._lock:
                     self.records.append(RequestRecord(user, family, mode, started, time.monotonic(), ok, reason,
-                                                      retried))
+                                                      retried, resubmitted))
         finally:
             client.close()
 
@@ -242,6 +283,31 @@ def probe_every_mode(http_url: str, family: str, fields: dict, deadline: float) 
     return True
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of all threads of a process so far (schedstat: nanoseconds, where stat's ticks are 10 ms, too
+    coarse for a front that only polls); 0 once it is gone."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    total = 0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9
+
+
+def busiest(stubs: Sequence, window_s: float = 0.5):
+    """The stub that used the most CPU over ``window_s`` (an instance holding a request, where one does; ties
+    to the first instance): the one whose death costs a request, which is what the fault should test."""
+    ordered = sorted(stubs, key=lambda s: s.instance)
+    before = {s.pid: cpu_seconds(s.pid) for s in ordered}
+    time.sleep(window_s)
+    return max(ordered, key=lambda s: cpu_seconds(s.pid) - before[s.pid])
+
+
 def inject(server, fault: Fault, fields: dict, limit_s: float) -> FaultRecord:
     """Kill one stub of ``fault.model`` and measure the way back."""
     from hybridiff.supervisor import scan_stubs
@@ -252,7 +318,7 @@ def inject(server, fault: Fault, fields: dict, limit_s: float) -> FaultRecord:
     if not stubs:
         record.note = "no stub found (model not loaded)"
         return record
-    victim = random.Random(fault.index).choice(sorted(stubs, key=lambda s: s.instance))
+    victim = busiest(stubs)
     record.pid, record.instance = victim.pid, victim.instance
     os.kill(victim.pid, signal.SIGKILL)
     record.killed_at = time.monotonic()

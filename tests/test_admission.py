@@ -92,17 +92,17 @@ def test_public_path_models_carry_a_bounded_queue_and_only_the_public_model_a_st
     public = found["sdxl"]
     assert "max_queue_size: 3 default_timeout_microseconds: 7000000 timeout_action: REJECT" in public
     assert "allow_timeout_override: true" in public
-    # Only the 4 running public requests call the encoder and the VAE, one call each at a time.
-    for name in ("sdxl_text_encoder", "sdxl_vae"):
+    # Only the 4 running public requests call the orchestrator, the encoder and the VAE, one call each at a time.
+    for name in ("sdxl_orchestrator", "sdxl_text_encoder", "sdxl_vae"):
         assert "max_queue_size: 4 default_timeout_microseconds: 0 timeout_action: REJECT" in found[name]
     assert "queue_policy" not in found["sdxl_denoiser_0"]  # internal: a refusal there would waste a request
-    assert 'key: "start_timeout_us" value: { string_value: "7000000" }' in public
+    assert 'key: "start_timeout_us" value: { string_value: "7000000" }' in found["sdxl_orchestrator"]  # its gate
 
 
 def test_queue_size_zero_leaves_the_public_queue_unbounded_and_the_internal_ones_at_the_instances():
     found = configs(Deployment(orchestrator_instances=3, queues=QueueLimits(queue_size=0)))
     assert "max_queue_size: 0 " in found["sdxl"]
-    for name in ("sdxl_text_encoder", "sdxl_vae"):
+    for name in ("sdxl_orchestrator", "sdxl_text_encoder", "sdxl_vae"):
         assert "max_queue_size: 3 " in found[name]
 
 

@@ -40,7 +40,7 @@ def test_retryable_errors_are_those_of_a_model_coming_back():
     assert not is_retryable(InferenceServerException("Request for unknown model: 'sdx' is not found", status="404"))
     assert is_retryable(InferenceServerException("no devices left", status="StatusCode.UNAVAILABLE"))
     assert not is_retryable(BAD_INPUT)
-    deadline = "deadline exceeded: the request's timeout of 2 s passed before step 3 (Request timeout expired)"
+    deadline = "deadline exceeded: the request's timeout passed before step 3 (Request timeout expired)"
     assert not is_retryable(InferenceServerException(deadline, status="StatusCode.UNAVAILABLE"))
     assert not is_retryable(ValueError("protocol must be http or grpc"))
 

@@ -93,8 +93,8 @@ def test_entrypoint_in_the_container_uses_the_server_root_and_listen_address(sdx
     for endpoint in ("http", "grpc", "metrics"):
         assert f"--{endpoint}-address=0.0.0.0" in command
     assert "kind: KIND_GPU gpus: [ 1 ]" in (tmp_path / "repo" / "sdxl_denoiser_1" / "config.pbtxt").read_text()
-    public = (tmp_path / "repo" / "sdxl" / "config.pbtxt").read_text()
-    assert '{ key: "max_steps" value: { string_value: "50" } }' in public
+    orchestrator = (tmp_path / "repo" / "sdxl_orchestrator" / "config.pbtxt").read_text()
+    assert '{ key: "max_steps" value: { string_value: "50" } }' in orchestrator
 
 
 @pytest.mark.parametrize(

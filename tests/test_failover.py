@@ -333,25 +333,31 @@ def test_a_corrupt_board_is_reset_with_a_log_line(tmp_path, caplog, content):
     ],
 )
 def test_which_errors_mean_the_device_is_gone(code, message, gone):
-    from hybridiff.triton.orchestrator import device_gone
+    from hybridiff.triton.bls import device_gone
 
     assert device_gone(code, message) is gone
 
 
 @pytest.mark.parametrize(
-    "code, message, refused",
+    "code, message, decoded",
     [
-        ("INTERNAL", "PROMPT: prompt is 257 tokens for the T5 text encoder; at most 256", True),
-        ("INVALID_ARG", "NEGATIVE_PROMPT: 2 given for 3 prompts; send 1 or one per prompt", True),
-        ("INTERNAL", "Stub process 'sd3_text_encoder_0_0' is not healthy.", False),
-        ("INTERNAL", "PROMPTS were odd", False),  # only "<field>: " names a field
-        ("INTERNAL", "LATENTS: batch of 40; allowed 1 to 8", False),  # not a field the caller passed
+        # Triton 2.51 hands a BLS caller every error as INTERNAL; our models mark their code in the message.
+        ("INTERNAL", "[INVALID_ARG] PROMPT: prompt is 257 tokens for the T5 text encoder; at most 256",
+         ("INVALID_ARG", "PROMPT: prompt is 257 tokens for the T5 text encoder; at most 256", True)),
+        ("INTERNAL", "[UNAVAILABLE] sdxl_vae is unavailable (Stub process 'sdxl_vae_0_0' is not healthy.)",
+         ("UNAVAILABLE", "sdxl_vae is unavailable (Stub process 'sdxl_vae_0_0' is not healthy.)", True)),
+        ("INTERNAL", "Stub process 'sd3_text_encoder_0_0' is not healthy.",
+         ("INTERNAL", "Stub process 'sd3_text_encoder_0_0' is not healthy.", False)),
+        ("INTERNAL", "[NOT_A_CODE] odd", ("INTERNAL", "[NOT_A_CODE] odd", False)),
+        ("INTERNAL", "Exceeds maximum queue size", ("UNAVAILABLE", "Exceeds maximum queue size", False)),
     ],
 )
-def test_which_errors_refuse_the_requests_own_input(code, message, refused):
-    from hybridiff.triton.orchestrator import input_refused
+def test_the_code_an_internal_model_answered_survives_bls(code, message, decoded):
+    from hybridiff.triton.bls import CODES, decode_error, encode_error
 
-    assert input_refused(code, message, ("PROMPT", "NEGATIVE_PROMPT")) is refused
+    assert decode_error(code, message) == decoded
+    for name in CODES:
+        assert decode_error("INTERNAL", encode_error("STEPS: 0 outside", name)) == (name, "STEPS: 0 outside", True)
 
 
 def test_a_run_stopped_by_an_error_releases_its_devices(tmp_path):

@@ -36,6 +36,9 @@ def test_schedule_problems() -> None:
     assert "sdxl" in wrong and "'serial'" in wrong
     (failed_over,) = probe.schedule_problems("sd3", {"mode_run": "cfg_parallel", "failover": [{"from": 1, "to": 0}]})
     assert failed_over.startswith("sd3:") and '"from": 1' in failed_over
+    tries = [{"after_s": 0.4, "tries": 1, "reason": "Stub process 'sd3_orchestrator_0_0' is not healthy."}]
+    (resent,) = probe.schedule_problems("sd3", {"mode_run": "cfg_parallel", "resubmitted": tries})
+    assert resent.startswith("sd3:") and "sent again" in resent and "sd3_orchestrator_0_0" in resent
 
 
 # --- the whole probe against a fake KServe endpoint ------------------------------------------------
@@ -64,9 +67,11 @@ class FakeServer:
             model = path.split("/")[3]
             return (400, {"error": f"{model} not ready"}) if model in self.unready else (200, {})
         if path == "/v2/models/fam/config":
+            return 200, {"name": "fam", "parameters": {"orchestrator": {"string_value": "fam_orchestrator"}}}
+        if path == "/v2/models/fam_orchestrator/config":
             called = {"text_encoder": "fam_text_encoder", "denoisers": "fam_denoiser_0,fam_denoiser_1",
                       "vae": "fam_vae"}
-            return 200, {"name": "fam", "parameters": {k: {"string_value": v} for k, v in called.items()}}
+            return 200, {"name": "fam_orchestrator", "parameters": {k: {"string_value": v} for k, v in called.items()}}
         if path.endswith("/config") and path.split("/")[3].startswith("fam_"):
             return 200, {}
         if path == "/v2/models/fam/infer" and method == "POST":
@@ -136,7 +141,7 @@ def test_probe_fails_on_a_failover(fake, capsys) -> None:
     assert "failed over" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("model", ["fam_denoiser_1", "fam_vae", "fam"])
+@pytest.mark.parametrize("model", ["fam_denoiser_1", "fam_vae", "fam_orchestrator", "fam"])
 def test_probe_fails_on_any_unready_model(fake, capsys, model) -> None:
     state, url = fake
     state.unready = {model}

@@ -21,7 +21,7 @@ def test_one_denoiser_model_per_device(tmp_path, devices):
     repo = write_repository(tmp_path / "r", {"sdxl": tmp_path / "ckpt"}, Deployment(devices=devices))
     denoisers = sorted(p.name for p in repo.iterdir() if "denoiser" in p.name)
     assert denoisers == [f"sdxl_denoiser_{i}" for i in range(devices)]
-    assert f'key: "denoisers" value: {{ string_value: "{",".join(denoisers)}" }}' in read(repo, "sdxl")
+    assert f'key: "denoisers" value: {{ string_value: "{",".join(denoisers)}" }}' in read(repo, "sdxl_orchestrator")
     for name in denoisers:
         config = read(repo, name)
         assert "kind: KIND_CPU" in config and 'key: "cpu_cores"' in config
@@ -36,20 +36,27 @@ def test_gpu_deployment_pins_each_denoiser_to_its_gpu_in_fp16(tmp_path):
         assert f"kind: KIND_GPU gpus: [ {i} ]" in config
         assert 'name: "EPS" data_type: TYPE_FP16' in config
         assert 'name: "SAMPLE" data_type: TYPE_FP32' in config  # latents stay fp32 for the scheduler
-    assert "kind: KIND_CPU" in read(repo, "sdxl")  # BLS logic needs no GPU of its own
-    assert 'key: "bls_memory" value: { string_value: "gpu" }' in read(repo, "sdxl")
+    for model in ("sdxl", "sdxl_orchestrator"):
+        assert "kind: KIND_CPU" in read(repo, model)  # BLS logic needs no GPU of its own
+    assert 'key: "bls_memory" value: { string_value: "gpu" }' in read(repo, "sdxl_orchestrator")
 
 
-def test_the_public_model_is_the_bls_orchestrator_calling_encoder_denoisers_and_vae(tmp_path):
-    repo = write_repository(tmp_path / "r", {"sdxl": tmp_path / "ckpt"}, Deployment())
-    public = read(repo, "sdxl")
+def test_the_public_model_is_a_front_handing_requests_to_the_bls_orchestrator(tmp_path):
+    repo = write_repository(tmp_path / "r", {"sdxl": tmp_path / "ckpt"}, Deployment(orchestrator_instances=3))
+    public, orchestrator = read(repo, "sdxl"), read(repo, "sdxl_orchestrator")
     assert 'backend: "python"' in public and "ensemble" not in public
-    assert "hybridiff.triton.orchestrator import TritonPythonModel" in read(repo, "sdxl", "1/model.py")
-    params = _parameters(public)
+    assert "hybridiff.triton.front import TritonPythonModel" in read(repo, "sdxl", "1/model.py")
+    assert _parameters(public) == {"family": "sdxl", "orchestrator": "sdxl_orchestrator"}  # nothing else to know
+    assert "hybridiff.triton.orchestrator import TritonPythonModel" in read(repo, "sdxl_orchestrator", "1/model.py")
+    params = _parameters(orchestrator)
     assert (params["text_encoder"], params["vae"]) == ("sdxl_text_encoder", "sdxl_vae")
-    assert 'name: "NEGATIVE_PROMPT" data_type: TYPE_STRING dims: [ -1 ] optional: true' in public
-    assert 'name: "IMAGE" data_type: TYPE_UINT8 dims: [ -1, -1, -1, 3 ]' in public
-    assert not any(p.name.endswith("_orchestrator") for p in repo.iterdir())
+    for config in (public, orchestrator):
+        assert 'name: "NEGATIVE_PROMPT" data_type: TYPE_STRING dims: [ -1 ] optional: true' in config
+        assert 'name: "IMAGE" data_type: TYPE_UINT8 dims: [ -1, -1, -1, 3 ]' in config
+        assert "instance_group [ { count: 3 kind: KIND_CPU } ]" in config  # one orchestrator per request held
+    # The key the front marks a cancel under is internal: the orchestrator takes it, the public model does not.
+    assert 'name: "REQUEST_KEY" data_type: TYPE_STRING dims: [ 1 ] optional: true' in orchestrator
+    assert "REQUEST_KEY" not in public
     assert 'string_value: "../ckpt"' in read(repo, "sdxl_vae")  # relative: repository and checkpoint move together
 
 
@@ -64,7 +71,7 @@ def test_every_internal_model_gets_the_deployment_limits(tmp_path):
     limits = Limits(max_height=512, max_width=768, min_size=128, max_steps=30, max_batch=3)
     deployment = Deployment(devices=2, max_device_batch=6, limits=limits)
     repo = write_repository(tmp_path / "r", {"sdxl": tmp_path / "ckpt"}, deployment)
-    models = ["sdxl_text_encoder", "sdxl_denoiser_0", "sdxl_denoiser_1", "sdxl_vae", "sdxl"]
+    models = ["sdxl_text_encoder", "sdxl_denoiser_0", "sdxl_denoiser_1", "sdxl_vae", "sdxl_orchestrator"]
     for model in models:
         params = _parameters(read(repo, model))
         assert Limits.from_parameters(params) == limits, model
@@ -85,13 +92,13 @@ def test_generation_is_reproducible(tmp_path):
 
 def test_sd3_alone_or_beside_sdxl_gets_its_own_models_and_wire_tensors(tmp_path):
     sd3_only = write_repository(tmp_path / "a", {"sd3": tmp_path / "sd3"}, Deployment())
-    sd3_models = ["sd3", "sd3_denoiser_0", "sd3_denoiser_1", "sd3_text_encoder", "sd3_vae"]
+    sd3_models = ["sd3", "sd3_denoiser_0", "sd3_denoiser_1", "sd3_orchestrator", "sd3_text_encoder", "sd3_vae"]
     assert sorted(p.name for p in sd3_only.iterdir()) == sd3_models
     assert 'name: "cond_POOLED_EMBEDS"' in read(sd3_only, "sd3_text_encoder")
     denoiser = read(sd3_only, "sd3_denoiser_0")
     assert 'name: "MIDDLE_HIDDEN"' in denoiser and 'name: "MIDDLE_ENCODER"' in denoiser
     assert "TIME_IDS" not in denoiser and "HEAD_ACT" not in denoiser
-    assert 'key: "family" value: { string_value: "sd3" }' in read(sd3_only, "sd3")
+    assert 'key: "family" value: { string_value: "sd3" }' in read(sd3_only, "sd3_orchestrator")
     both = write_repository(tmp_path / "b", {"sdxl": tmp_path / "sdxl", "sd3": tmp_path / "sd3"}, Deployment())
     names = sorted(p.name for p in both.iterdir())
     assert [n for n in names if n.startswith("sd3")] == sd3_models and len(names) == 2 * len(sd3_models)

@@ -100,14 +100,25 @@ def test_text_encoder_refuses_more_prompts_than_a_request_may_send(client, famil
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
 def test_public_model_refuses_too_many_prompts_and_mismatched_negatives_before_encoding(client, family):
-    """The public model is the orchestrator: the batch it runs is the prompts it was sent, held to ``max_batch``,
-    with one negative prompt or one per prompt (the uncond and cond branches row for row)."""
+    """The orchestrator, behind the public front, refuses these (INVALID_ARG survives the BLS hop): the batch it
+    runs is the prompts it was sent, held to ``max_batch``, with one negative prompt or one per prompt."""
     outputs = ["SCHEDULE"]
     too_many = {"PROMPT": np.array([b"a fox"] * (LIMITS.max_batch + 1), dtype=object)}
     assert_invalid_arg(client, family, too_many, outputs, "PROMPT", "5 prompts", "at most 4")
     mismatched = {"PROMPT": np.array([b"a fox"] * 3, dtype=object),
                   "NEGATIVE_PROMPT": np.array([b"blurry"] * 2, dtype=object)}
     assert_invalid_arg(client, family, mismatched, outputs, "NEGATIVE_PROMPT", "2 given for 3 prompts")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_orchestrator_called_directly_holds_its_inputs_to_the_public_limits(client, family):
+    model, outputs, prompt = f"{family}_orchestrator", ["SCHEDULE"], np.array([b"a fox"], dtype=object)
+    too_many = {"PROMPT": np.array([b"a fox"] * (LIMITS.max_batch + 1), dtype=object)}
+    assert_invalid_arg(client, model, too_many, outputs, "PROMPT", "at most 4")
+    assert_invalid_arg(client, model, {"PROMPT": prompt, "STEPS": np.array([1000])}, outputs, "STEPS", "[1, 64]")
+    small = {"PROMPT": prompt, "HEIGHT": np.array([64]), "WIDTH": np.array([64])}
+    bad_key = {**small, "REQUEST_KEY": np.array([b"../../etc/passwd"], dtype=object)}  # the key names a file
+    assert_invalid_arg(client, model, bad_key, outputs, "REQUEST_KEY", "32 lowercase hex digits")
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])

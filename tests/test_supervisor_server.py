@@ -20,7 +20,7 @@ from hybridiff.admin import ADMIN_HEADER, GRPC_ADMIN_METADATA
 from hybridiff.params import Limits
 from hybridiff.readiness import http_ready, not_ready, repository_models
 from hybridiff.supervisor import Recovery, scan_stubs
-from tests.helpers import wait_for
+from tests.helpers import max_pixel_diff, wait_for
 from tools.triton_process import TritonServer
 
 pytestmark = pytest.mark.server
@@ -165,8 +165,8 @@ def test_readiness_probe_fails_until_the_model_is_back(server):
     assert call(server, mode="cfg_parallel").schedules[0]["mode_run"] == "cfg_parallel"
 
 
-@pytest.mark.parametrize("model", ["sdxl_text_encoder", "sdxl_vae", "sdxl"])
-def test_killed_text_encoder_vae_and_orchestrator_come_back(server, model):
+@pytest.mark.parametrize("model", ["sdxl_text_encoder", "sdxl_vae", "sdxl_orchestrator", "sdxl"])
+def test_killed_text_encoder_vae_orchestrator_and_front_come_back(server, model):
     instances = len(stub_pids(server, model))
     recovery, _ = kill_and_wait(server, model)
     assert len(recovery.instances) == 1
@@ -191,36 +191,63 @@ def test_a_request_meeting_a_killed_text_encoder_or_vae_is_served_once_the_super
     assert sent < recovery.loaded_at  # it was sent while the model was dead, unloaded or loading
 
 
-def test_orchestrator_kill_fails_only_the_request_it_held(server):
-    """Two long requests, one per instance of the public model (the orchestrator); one instance is killed. The
-    other request completes; the killed one's fails with an error the client retries, and the retry succeeds."""
-    long_request = dict(steps=48, height=128, width=128, mode="serial")
+LONG = dict(steps=48, height=128, width=128, mode="serial")
+SEEDS = (11, 12)
+
+
+def _two_long_requests_and_a_kill(server, model: str) -> tuple[dict[int, object], Recovery]:
+    """Two long requests at once, one per instance of ``model`` (2 of each), and one instance SIGKILLed while
+    both run: each request's result or error, by seed, and the model's recovery."""
     outcomes: dict[int, object] = {}
 
-    def run(i: int) -> None:
+    def run(seed: int) -> None:
         try:
-            outcomes[i] = call(server, "grpc", **long_request)
-        except Exception as err:  # inspected below
-            outcomes[i] = err
+            outcomes[seed] = call(server, "grpc", **{**LONG, "seed": seed})
+        except Exception as err:  # inspected by the test
+            outcomes[seed] = err
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in SEEDS]
     for thread in threads:
         thread.start()
-    pids = stub_pids(server, "sdxl")
+    pids = stub_pids(server, model)
     assert len(pids) == 2
     time.sleep(1.0)  # both requests are in their denoising loops by now
     seen = len(server.supervisor.recoveries())
     os.kill(pids[0], signal.SIGKILL)
     for thread in threads:
         thread.join(timeout=300)
-    errors = [o for o in outcomes.values() if isinstance(o, BaseException)]
-    assert len(outcomes) == 2 and len(errors) == 1, outcomes
-    assert is_retryable(errors[0]), errors[0]
-    assert wait_for(lambda: recovery_of(server, "sdxl", seen) is not None, RECOVERY_S, 0.5)
+    assert sorted(outcomes) == list(SEEDS), outcomes
+    assert wait_for(lambda: recovery_of(server, model, seen) is not None, RECOVERY_S, 0.5), server.logs()[-3000:]
+    return outcomes, recovery_of(server, model, seen)
 
+
+def test_a_killed_orchestrator_loses_no_request(server):
+    """The request the killed orchestrator instance held is sent again by the public front once the supervisor
+    has the orchestrator back: it succeeds, with the image of the same request served normally, and its
+    schedule says so; the request on the other instance is not touched."""
+    normal = {seed: call(server, **{**LONG, "seed": seed}) for seed in SEEDS}
+    outcomes, recovery = _two_long_requests_and_a_kill(server, "sdxl_orchestrator")
+    errors = [o for o in outcomes.values() if isinstance(o, BaseException)]
+    assert not errors, errors
+    resent = [seed for seed in SEEDS if outcomes[seed].schedules[0]["resubmitted"]]
+    assert len(resent) == 1, [outcomes[seed].schedules[0]["resubmitted"] for seed in SEEDS]
+    [first, *_] = outcomes[resent[0]].schedules[0]["resubmitted"]
+    assert first["reason"] == f"Stub process '{recovery.instances[0]}' is not healthy.", first
+    for seed in SEEDS:
+        assert max_pixel_diff(outcomes[seed].images[0], normal[seed].images[0]) <= 1, seed
+    assert call(server, mode="hybrid").schedules[0]["resubmitted"] == []  # the orchestrator serves again
+
+
+def test_a_killed_front_loses_only_the_request_it_held(server):
+    """The public front's own death loses its one request (INTERNAL "not healthy": nothing is left to answer
+    for it), which the client retries; the request on the other front instance completes."""
+    outcomes, _ = _two_long_requests_and_a_kill(server, "sdxl")
+    errors = [o for o in outcomes.values() if isinstance(o, BaseException)]
+    assert len(errors) == 1, outcomes
+    assert "is not healthy" in str(errors[0]) and is_retryable(errors[0]), errors[0]
     client = make_client("grpc", server.grpc_url)
     try:
-        retried = generate_with_retry(client, "grpc", "sdxl", ["a paper boat on a pond"], **{**BASE, **long_request})
+        retried = generate_with_retry(client, "grpc", "sdxl", ["a paper boat on a pond"], **{**BASE, **LONG})
     finally:
         client.close()
     assert retried.images.shape == (1, 128, 128, 3)

@@ -70,6 +70,7 @@ def wire_names() -> set[str]:
     names = {spec.name for spec in wire.REQUEST_INPUTS}
     names |= {t.name for t in (wire.IMAGE, wire.SCHEDULE, wire.LATENTS, wire.SAMPLE, wire.TIMESTEP, wire.STAGE)}
     names |= {t.name for t in (wire.CAPTURE_STAGE, wire.EPS, wire.COMPUTE_SECONDS, wire.BATCHED_REQUESTS)}
+    names.add(wire.REQUEST_KEY.name)
     for family in wire.FAMILIES.values():
         names |= {t.name for t in (*family.conditioning, *family.activations, *family.branch_outputs())}
     return names

@@ -11,6 +11,10 @@ Entries name their process, and entries of dead processes are dropped on read, s
 instance cannot leave a device looking busy. A device marked down counts as up again
 :data:`DOWN_RETRY_SECONDS` after its mark, for one request (the probe): a success clears the mark,
 a failure renews it. A board that cannot be parsed is reset, with a log line.
+
+Beside the board live the cancel marks (:class:`CancelMark`): the public front, which sees a client's
+cancel, marks its request so that the orchestrator running it (a BLS child, which Triton 2.51 does not
+tell) stops between steps.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -30,11 +35,19 @@ from pathlib import Path
 from .deadline import StepSample, learn
 
 BOARD_PREFIX = "hybridiff-load-"  # then the server's pid
+CANCEL_PREFIX = "hybridiff-cancel-"  # then the server's pid, "-" and the request's key
+REQUEST_KEY = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: names a file, so nothing else is accepted
 # How long a device marked down is avoided before one request tries it again. Short against the
 # time a supervisor needs to bring a stub back, long against the cost of one failed call.
 DOWN_RETRY_SECONDS = 10.0
 
 log = logging.getLogger(__name__)
+
+
+def _shared_folder() -> Path:
+    """/dev/shm where it is writable (RAM), else the temp folder."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
 def default_board_path() -> Path:
@@ -43,24 +56,50 @@ def default_board_path() -> Path:
     /dev/shm is RAM; on a disk-backed /tmp a write can wait for the filesystem's journal, and the
     board is read before every step of an ``auto`` run (what that cost on /tmp: docs/performance.md).
     """
-    shm = Path("/dev/shm")
-    folder = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return folder / f"{BOARD_PREFIX}{os.getppid()}.json"
+    return _shared_folder() / f"{BOARD_PREFIX}{os.getppid()}.json"
 
 
 def remove_dead_boards(folder: Path) -> list[Path]:
-    """Delete the boards of servers that are no longer running (their pid is in the name).
+    """Delete the boards and cancel marks of servers that are no longer running (their pid is in the name).
 
-    Each server start leaves one small file in RAM otherwise. A live server's board is never touched:
-    its pid is alive (a reused pid only keeps a dead board longer).
+    Each server start leaves one small file in RAM otherwise (and a front killed between marking a
+    cancel and clearing it, one mark). A live server's files are never touched: its pid is alive (a
+    reused pid only keeps dead files longer).
     """
     removed = []
-    for path in folder.glob(f"{BOARD_PREFIX}*.json"):
-        pid = path.stem[len(BOARD_PREFIX):]
+    for path in (*folder.glob(f"{BOARD_PREFIX}*.json"), *folder.glob(f"{CANCEL_PREFIX}*")):
+        prefix = BOARD_PREFIX if path.name.startswith(BOARD_PREFIX) else CANCEL_PREFIX
+        pid = path.name[len(prefix):].removesuffix(".json").split("-")[0]
         if pid.isdigit() and not _alive(int(pid)):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+class CancelMark:
+    """A request its client cancelled, marked by the public front for the orchestrator that runs it.
+
+    Triton 2.51 tells a model only of the cancels of its own requests, not of the BLS requests it made,
+    and has no BLS cancel: so the front, which sees the client's cancel, leaves an empty file named
+    after the request's key (and the server, whose stubs share it), and the orchestrator, which got
+    the key as an input, looks for it between steps (an ``os.stat``, microseconds). The front clears
+    it once the orchestrator has answered; a server start removes the marks of dead servers.
+    """
+
+    def __init__(self, key: str, folder: Path | None = None, server_pid: int | None = None) -> None:
+        if not REQUEST_KEY.fullmatch(key):
+            raise ValueError(f"a request key is 32 lowercase hex digits, got {key[:40]!r}")
+        server = os.getppid() if server_pid is None else server_pid
+        self.path = (folder or _shared_folder()) / f"{CANCEL_PREFIX}{server}-{key}"
+
+    def set(self) -> None:
+        self.path.touch()
+
+    def is_set(self) -> bool:
+        return self.path.exists()
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

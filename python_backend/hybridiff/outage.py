@@ -1,22 +1,26 @@
-"""Waiting out an internal model that is gone for a while, instead of losing the request.
+"""Waiting out a model that is gone for a while, instead of losing the request.
 
-The public model calls ``<family>_text_encoder`` and ``<family>_vae`` through BLS. When one of their
-stubs dies, the supervisor unloads and reloads that model (seconds to tens of seconds); meanwhile a
-call answers "not healthy", "not ready" or "unknown model". A request the server has accepted, maybe
-with its whole denoising done, should not fail for that: :func:`call_through_outage` retries the
-call with a short back-off until the model answers, and gives up with :class:`StillGone` (the glue
-answers a retryable UNAVAILABLE naming the model) once the request's deadline, or without one
-``OutagePolicy.default_wait_s``, has passed. The client's cancellation is checked between tries.
+The orchestrator calls ``<family>_text_encoder`` and ``<family>_vae`` through BLS, and the public front
+calls ``<family>_orchestrator``. When one of their stubs dies, the supervisor unloads and reloads that
+model (seconds to tens of seconds); meanwhile a call answers "not healthy", "not ready" or "unknown
+model". A request the server has accepted, maybe with its whole denoising done, should not fail for
+that: :func:`call_through_outage` retries the call with a short back-off until the model answers, and
+gives up with :class:`StillGone` (the glue answers a retryable UNAVAILABLE naming the model) once the
+request's deadline, or without one ``OutagePolicy.default_wait_s``, has passed. The client's
+cancellation is checked between tries. For the front a retry sends the whole request again (the
+orchestrator's process, and the run in it, are gone); :func:`record_try` and :func:`with_tries` keep
+the failed tries for the response's ``SCHEDULE`` (``resubmitted``).
 
-Plain Python: the glue turns a gone model's error into :class:`ModelGone` (``device_gone`` in
-``triton/orchestrator.py`` tells a gone model from a bad request) and passes its clock checks.
+Plain Python: the glue turns a gone model's error into :class:`ModelGone` (``device_gone`` and
+``model_gone`` in ``triton/bls.py`` tell a gone model from a bad request) and passes its clock checks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -70,6 +74,7 @@ async def call_through_outage(
     *,
     deadline: float | None,
     check_cancelled: Callable[[], None] = lambda: None,
+    on_gone: Callable[[ModelGone], None] = lambda gone: None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> T:
@@ -77,7 +82,7 @@ async def call_through_outage(
 
     Raises :class:`StillGone` once the wait allowed (:meth:`OutagePolicy.give_up_at`) is spent, and
     whatever ``check_cancelled`` raises (it is called before every retry). Any other error of
-    ``call`` passes through at once.
+    ``call`` passes through at once. ``on_gone`` sees every failed try (the front records them).
     """
     first_failure: float | None = None
     failures = 0
@@ -85,6 +90,7 @@ async def call_through_outage(
         try:
             return await call()
         except ModelGone as gone:
+            on_gone(gone)
             now = clock()
             first_failure = now if first_failure is None else first_failure
             failures += 1
@@ -98,3 +104,18 @@ async def call_through_outage(
                 ) from gone
         await sleep(min(policy.delay(failures), remaining))
         check_cancelled()
+
+
+def record_try(log: list[dict], reason: str, after_s: float) -> None:
+    """Add a failed try of a request (``reason``: the error, ``after_s``: since the request was taken) to
+    ``log``, the response's ``resubmitted`` list: one entry per run of tries that failed alike, with
+    their count, so that a reload's dozen "not ready" answers read as one line."""
+    if log and log[-1]["reason"] == reason:
+        log[-1]["tries"] += 1
+    else:
+        log.append({"after_s": round(after_s, 3), "tries": 1, "reason": reason})
+
+
+def with_tries(schedules: Iterable[bytes | str], tries: list[dict]) -> list[str]:
+    """Each image's ``SCHEDULE`` JSON with the request's failed tries as ``resubmitted`` (empty when none)."""
+    return [json.dumps({**json.loads(schedule), "resubmitted": tries}) for schedule in schedules]

@@ -13,9 +13,9 @@ no torch import, quick to start in a busy pod.
 
 Families default to those of ``HYBRIDIFF_MODELS`` (``family=folder,...``, the container's setting, so
 the probe needs no admin endpoint in a pod), else to those the server's statistics list (every model
-``X`` with an ``X_text_encoder``); the models of a family are read from its public model's config (the
-``text_encoder``, ``denoisers`` and ``vae`` parameters), so the probe checks what the server was
-configured with.
+``X`` with an ``X_text_encoder``); the models of a family are read from the configs (the public front's
+``orchestrator`` parameter, the orchestrator's ``text_encoder``, ``denoisers`` and ``vae``), so the probe
+checks what the server was configured with.
 """
 
 from __future__ import annotations
@@ -69,20 +69,27 @@ def schedule_problems(family: str, schedule: dict[str, Any]) -> list[str]:
     failover = schedule.get("failover") or []
     if failover:
         problems.append(f"{family}: the request failed over between devices: {json.dumps(failover)}")
+    resubmitted = schedule.get("resubmitted") or []
+    if resubmitted:
+        problems.append(f"{family}: the request was sent again, its orchestrator gone: {json.dumps(resubmitted)}")
     return problems
 
 
-# The public model's parameters that name the internal models it calls (export/make_repository.py).
-CALLED_MODELS = ("text_encoder", "denoisers", "vae")
+# The config parameters that name the models a model calls (export/make_repository.py): the public front names
+# the orchestrator, the orchestrator the text encoder, the denoisers and the VAE.
+CALLED_MODELS = ("orchestrator", "text_encoder", "denoisers", "vae")
 
 
 def family_models(family: str, config: Callable[[str], dict[str, Any]]) -> list[str]:
-    """The public model and every model it calls, from its config's parameters."""
-    parameters = config(family).get("parameters", {})
+    """The public model and every model it calls, directly or through the models it calls, from their configs'
+    parameters, in the order met."""
     models = [family]
-    for key in CALLED_MODELS:
-        models += [m for m in parameters.get(key, {}).get("string_value", "").split(",") if m]
-    return list(dict.fromkeys(models))
+    for model in models:  # grows while it is walked: each new model's config is read in turn
+        parameters = config(model).get("parameters", {})
+        for key in CALLED_MODELS:
+            called = parameters.get(key, {}).get("string_value", "").split(",")
+            models += [m for m in called if m and m not in models]
+    return models
 
 
 class Probe:

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from . import wire
+from .inflight import REQUEST_KEY
 from .schedule import COND, UNCOND
 from .wire import FamilyWire, Limits
 
@@ -297,3 +298,14 @@ def check_vae_latents(shape: Shape | None, shapes: ModelShapes, limits: Limits) 
     """The VAE's latents: at most ``max_batch`` images (one per prompt) of an allowed size. Returns the batch."""
     batch, _, _ = check_latents(wire.LATENTS.name, shape, shapes, limits, limits.max_batch)
     return batch
+
+
+def check_request_key(values: Sequence[bytes] | None) -> str | None:
+    """The orchestrator's ``REQUEST_KEY`` (from the public front; absent on a direct call): 32 lowercase hex
+    digits, since it names a cancel-mark file (:class:`hybridiff.inflight.CancelMark`)."""
+    if values is None:
+        return None
+    key = values[0].decode(errors="replace") if isinstance(values[0], bytes) else str(values[0])
+    if len(values) != 1 or not REQUEST_KEY.fullmatch(key):
+        raise InvalidParameter(wire.REQUEST_KEY.name, "one key of 32 lowercase hex digits (set by the public front)")
+    return key

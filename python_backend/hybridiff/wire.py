@@ -1,7 +1,7 @@
 """Every tensor on the wire, defined once.
 
-The public request (inputs with their defaults and limits, outputs), the tensors between the public model
-(the orchestrator) and the internal models (text encoder, denoisers, VAE) and each family's own tensors
+The public request (inputs with their defaults and limits, outputs), the tensors between the public front,
+the orchestrator and the internal models (text encoder, denoisers, VAE) and each family's own tensors
 live here. Everything
 that names a tensor derives from these tables: the repository generator (``export/make_repository.py``),
 the orchestrator's BLS requests and the denoiser's parsing (``triton/``), request validation
@@ -177,6 +177,11 @@ RESPONSE_DESCRIPTIONS = {
     "IMAGE": "the images, NHWC RGB",
     "SCHEDULE": "one JSON per image: the schedule that ran (mode, tau1/tau2, phases, timings, failovers)",
 }
+
+# Public front -> orchestrator: the client's request as it came, plus the key the front marks the request's
+# cancel under (hybridiff.inflight.CancelMark: Triton 2.51 does not pass a client's cancel on to a BLS call).
+# Optional: a direct call of the orchestrator has no front, and no key.
+REQUEST_KEY = Tensor("REQUEST_KEY", BYTES, (1,), optional=True)
 
 # Orchestrator -> VAE.
 LATENTS = Tensor("LATENTS", FP32, (-1, -1, -1, -1))

@@ -15,6 +15,7 @@ import torch
 
 from ..families.base import torch_dtype
 from ..host_memory import keep_freed_memory
+from .bls import config_parameters
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,6 @@ def _thread_ids() -> list[int]:
         return [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:
         return [0]
-
-
-def config_parameters(model_config: dict) -> dict[str, str]:
-    return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
 
 
 def resolve_checkpoint(value: str, model_dir: str) -> Path:
@@ -133,13 +130,6 @@ def input_array(request, name: str):
     """An input as numpy (strings and small scalars), or None when the client left it out."""
     tensor = _pb().get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
-
-
-def error_response(message: str, code: str = "INVALID_ARG"):
-    """An error answer with the ``pb_utils.TritonError`` code named ``code``: INVALID_ARG for a bad request,
-    UNAVAILABLE for a retryable refusal (HTTP 503; server full, device gone, deadline), CANCELLED, INTERNAL."""
-    pb = _pb()
-    return pb.InferenceResponse(error=pb.TritonError(message, getattr(pb.TritonError, code)))
 
 
 def response(tensors: dict[str, torch.Tensor], extra=()):

@@ -16,7 +16,8 @@ from ..families import get_family
 from ..families.base import DenoiseOutput
 from ..loop import DenoiseTask
 from ..validation import check_denoiser_inputs, model_limits
-from .common import error_response, input_tensor, model_context, response
+from .bls import error_response
+from .common import input_tensor, model_context, response
 
 
 class TritonPythonModel:

@@ -1,14 +1,15 @@
-"""Triton model ``<family>``, the public model: a BLS model that runs the whole request.
+"""Triton model ``<family>_orchestrator``: the BLS model that runs the whole request.
 
-It validates the request, has ``<family>_text_encoder`` encode the prompts, runs
-:func:`hybridiff.loop.denoise_image` with a transport whose devices are the ``<family>_denoiser_<i>``
-models (called with ``async_exec``, so that work for different devices runs at the same time), and
-has ``<family>_vae`` decode the latents. Being the model the client called (not a step of an
-ensemble), it sees the client's cancellation and timeout. Stale activations live here between
-steps, and every tensor that moves between devices passes through here. The loop asks the policy;
-this glue only reports the world to it (the in-flight board, which devices answer, cancellation,
-the deadline) and turns its outcome into responses. A text encoder or VAE that is gone for a while
-(its stub died, the supervisor reloads it) is waited for (:mod:`hybridiff.outage`).
+The public front ``<family>`` (:mod:`.front`) hands it the client's request. It validates the request, has
+``<family>_text_encoder`` encode the prompts, runs :func:`hybridiff.loop.denoise_image` with a transport whose
+devices are the ``<family>_denoiser_<i>`` models (called with ``async_exec``, so that work for different
+devices runs at the same time), and has ``<family>_vae`` decode the latents. Stale activations live here
+between steps, and every tensor that moves between devices passes through here. The loop asks the policy;
+this glue only reports the world to it (the in-flight board, which devices answer, cancellation, the
+deadline) and turns its outcome into responses. A text encoder or VAE that is gone for a while (its stub
+died, the supervisor reloads it) is waited for (:mod:`hybridiff.outage`). The client's cancel reaches it
+as a mark the front sets under the request's ``REQUEST_KEY`` (:class:`hybridiff.inflight.CancelMark`), its
+deadline as the BLS request's timeout.
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from ..admission import QueueLimits, admit
 from ..deadline import EWMA_ALPHA, BoardView, StepSample, place, view_of
 from ..families import get_family
 from ..families.base import DenoiseOutput, Family
-from ..inflight import InFlightBoard, Job, Occupancy, Snapshot, default_board_path, remove_dead_boards
+from ..inflight import CancelMark, InFlightBoard, Job, Occupancy, Snapshot, default_board_path, remove_dead_boards
 from ..loop import DenoiseTask, DeviceUnavailable, ImageRequest, RunHooks, denoise_image
 from ..outage import ModelGone, OutagePolicy, StillGone, call_through_outage
 from ..params import InvalidParameter, parse_image_requests, parse_prompts
 from ..schedule import COND, UNCOND, Mode, NoDeviceLeft
 from ..serving_defaults import read_serving_defaults
-from ..validation import check_text_conditioning, model_limits
-from .common import error_response, from_triton, input_array, model_context, to_triton
+from ..validation import check_request_key, check_text_conditioning, model_limits
+from .bls import RunStopped, bls_exec, check_request, device_gone, error_response
+from .common import from_triton, input_array, model_context, to_triton
 from .metrics import OrchestratorMetrics
 
 
@@ -49,87 +51,20 @@ class Refused(RuntimeError):
     """The request was refused before it started (the server cannot serve it in time now): retryable."""
 
 
-class RunStopped(RuntimeError):
-    """The run stopped between steps: cancelled by the client, or past its deadline."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code  # a pb_utils.TritonError code name
-
-
-# What Triton answers when a model's process is gone or its model is (re)loading, as opposed to
-# an error in the request: "Stub process '<model>_0_0' is not healthy.", "Request for unknown
-# model: '<model>' is not found", "... has no available versions", "... is not at ready state".
-_GONE_CODES = ("UNAVAILABLE", "NOT_FOUND")
-_REQUEST_CODES = ("INVALID_ARG", "UNSUPPORTED", "ALREADY_EXISTS")
-_GONE_MESSAGES = ("not healthy", "unknown model", "not found", "no available versions", "ready state",
-                  "not ready", "unavailable", "stub process")
-
-
-def device_gone(code: str, message: str) -> bool:
-    """Whether an internal model's error means it is gone (fail over, or wait) rather than a bad request."""
-    if code in _REQUEST_CODES:
-        return False
-    lowered = message.lower()
-    return code in _GONE_CODES or any(pattern in lowered for pattern in _GONE_MESSAGES)
-
-
-def code_name(pb, code: int) -> str:
-    """The ``pb_utils.TritonError`` name of an error code."""
-    names = ("UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED", "ALREADY_EXISTS",
-             "CANCELLED")
-    return next((n for n in names if getattr(pb.TritonError, n, None) == code), "UNKNOWN")
-
-
-def check_request(request, deadline: float | None, before: str) -> None:
-    """Raise :class:`RunStopped` if the client cancelled ``request`` or its ``deadline`` passed (None: not
-    checked); ``before`` names what would have run next."""
-    if request.is_cancelled():
-        raise RunStopped("CANCELLED", f"request cancelled by the client; stopped before {before}")
-    if deadline is not None and time.monotonic() > deadline:
-        timeout_s = request.timeout() / 1e6
-        raise RunStopped(
-            "UNAVAILABLE",
-            f"deadline exceeded: the request's timeout of {timeout_s:g} s passed before {before} "
-            "(Request timeout expired); retry with a longer timeout or fewer steps",
-        )
-
-
-async def bls_exec(pb, request) -> tuple[object | None, str, str]:
-    """Run one BLS request: ``(reply, "", "")``, or ``(None, code name, message)`` when it failed, whether the
-    call itself raised (e.g. the model is gone) or the model answered an error."""
-    try:
-        reply = await request.async_exec()
-    except pb.TritonModelException as err:
-        return None, "INTERNAL", str(err)
-    if reply.has_error():
-        return None, code_name(pb, reply.error().code()), reply.error().message()
-    return reply, "", ""
-
-
 async def call_model(pb, model: str, inputs: list, outputs: list[str], fields: tuple[str, ...] = ()):
     """One BLS call of an internal model; its reply, or :class:`ModelGone` when the model is gone,
-    :class:`InputRefused` when it refused one of the request's ``fields``, :class:`DeviceError` else."""
-    reply, code, message = await bls_exec(
+    :class:`InputRefused` when it refused the request's own ``fields`` (the prompts the text encoder was
+    passed: an SD3 prompt over its T5 length), :class:`DeviceError` else."""
+    reply, code, message, _ = await bls_exec(
         pb, pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
     )
     if reply is not None:
         return reply
-    if input_refused(code, message, fields):
+    if fields and code == "INVALID_ARG":
         raise InputRefused(message)
     if device_gone(code, message):
         raise ModelGone(model, message)
     raise DeviceError(f"{model}: {message}")
-
-
-def input_refused(code: str, message: str, fields: tuple[str, ...]) -> bool:
-    """Whether an internal model's error refuses one of the request's own ``fields`` (answer INVALID_ARG).
-
-    Our models' refusals name the field first (``InvalidParameter``: "PROMPT: ..."); the code alone does
-    not tell: Triton 2.51 did not pass the text encoder's INVALID_ARG on to the BLS caller (seen with an
-    SD3 prompt over 256 T5 tokens, tests/test_server_sd3.py).
-    """
-    return code == "INVALID_ARG" or any(message.startswith(f"{field}: ") for field in fields)
 
 
 class BLSTransport:
@@ -179,7 +114,7 @@ class BLSTransport:
             kwargs["preferred_memory"] = memory
         model = self.model_names[device]
         request = self.pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=requested, **kwargs)
-        reply, code, message = await bls_exec(self.pb, request)
+        reply, code, message, _ = await bls_exec(self.pb, request)
         if reply is None:
             text = f"{model}: {message}"
             if device_gone(code, message):
@@ -199,11 +134,12 @@ class BoardHooks(RunHooks):
     """The loop's view of this server: loads and down devices on the shared board, the client's
     cancellation and the request's deadline."""
 
-    def __init__(self, occupancy: Occupancy, devices: list[int], request, deadline: float | None, log) -> None:
-        self.occupancy, self.devices, self.request, self.deadline, self.log = occupancy, devices, request, deadline, log
+    def __init__(self, occupancy: Occupancy, devices: list[int], cancelled, deadline: float | None, log) -> None:
+        self.occupancy, self.devices, self.cancelled, self.deadline, self.log = (
+            occupancy, devices, cancelled, deadline, log)
 
     def check(self, step: int) -> None:
-        check_request(self.request, self.deadline, f"step {step}")
+        check_request(self.cancelled, self.deadline, f"step {step}")
 
     def loads(self) -> list[int]:
         return self.occupancy.loads()
@@ -261,7 +197,7 @@ class TritonPythonModel:
         self.decode_s: dict[str, float] = {}  # cost key -> seconds to decode one image (moving average)
 
     async def _denoise_placed(
-        self, image_request: ImageRequest, branch_cond, request, deadline: float | None
+        self, image_request: ImageRequest, branch_cond, cancelled, deadline: float | None
     ) -> tuple[torch.Tensor, dict]:
         """Place the request by the board (the policy: ``deadline.place``), then run the loop there.
 
@@ -299,7 +235,7 @@ class TritonPythonModel:
                 mode_requested=image_request.mode,
             )
             devices = list(placement.devices)
-            hooks = BoardHooks(occupancy, devices, request, deadline, self.pb.Logger)
+            hooks = BoardHooks(occupancy, devices, cancelled, deadline, self.pb.Logger)
             latents, report = await denoise_image(
                 self.family, self.latent_math, self.transport, branch_cond, placed, hooks
             )
@@ -321,27 +257,27 @@ class TritonPythonModel:
         return list(await asyncio.gather(*(self._execute_one(r) for r in requests)))
 
     async def _call_through_outage(
-        self, model: str, inputs: list, outputs: list[str], request, deadline, before, fields: tuple[str, ...] = ()
+        self, model: str, inputs: list, outputs: list[str], cancelled, deadline, before, fields: tuple[str, ...] = ()
     ):
         """A BLS call of the text encoder or the VAE, waited through an outage of that model; ``fields``: the
         request's inputs it was passed, whose refusal is the client's error."""
 
         def check_cancelled() -> None:
-            check_request(request, None, before)  # the deadline ends the wait with StillGone, naming the model
+            check_request(cancelled, None, before)  # the deadline ends the wait with StillGone, naming the model
 
         return await call_through_outage(
             lambda: call_model(self.pb, model, inputs, outputs, fields), self.outage,
             deadline=deadline, check_cancelled=check_cancelled,
         )
 
-    async def _encode(self, request, deadline: float | None) -> dict[str, torch.Tensor]:
+    async def _encode(self, request, cancelled, deadline: float | None) -> dict[str, torch.Tensor]:
         """The text encoder's per-branch embeddings (``uncond_<name>``, ``cond_<name>``) of the prompts."""
         given = (self.pb.get_input_tensor_by_name(request, spec.name) for spec in wire.PROMPT_INPUTS)
         inputs = [tensor for tensor in given if tensor is not None]  # the request's own tensors, passed on
         names = [t.name for t in self.family.wire.branch_outputs()]
         fields = tuple(spec.name for spec in wire.PROMPT_INPUTS)
         reply = await self._call_through_outage(
-            self.text_encoder, inputs, names, request, deadline, "encoding the prompts", fields
+            self.text_encoder, inputs, names, cancelled, deadline, "encoding the prompts", fields
         )
         embeds = {name: from_triton(self.pb.get_output_tensor_by_name(reply, name)).clone() for name in names}
         try:
@@ -350,11 +286,11 @@ class TritonPythonModel:
             raise DeviceError(f"{self.text_encoder} answered unexpected embeddings: {err}") from err
         return embeds
 
-    async def _decode(self, latents: torch.Tensor, request, deadline: float | None):
+    async def _decode(self, latents: torch.Tensor, cancelled, deadline: float | None):
         """The VAE's images (a Triton tensor) of the latents."""
         inputs = [to_triton(wire.LATENTS.name, latents)]
         reply = await self._call_through_outage(
-            self.vae, inputs, [wire.IMAGE.name], request, deadline, "decoding the latents"
+            self.vae, inputs, [wire.IMAGE.name], cancelled, deadline, "decoding the latents"
         )
         image = from_triton(self.pb.get_output_tensor_by_name(reply, wire.IMAGE.name))
         return to_triton(wire.IMAGE.name, image.clone())
@@ -369,12 +305,19 @@ class TritonPythonModel:
             prompts, _ = parse_prompts(*(input_array(request, spec.name) for spec in wire.PROMPT_INPUTS), self.limits)
             scalars = {spec.name: input_array(request, spec.name) for spec in wire.scalar_inputs()}
             image_requests = parse_image_requests(scalars, self.defaults, self.limits, len(prompts))
+            key = check_request_key(input_array(request, wire.REQUEST_KEY.name))
         except InvalidParameter as err:
             return error_response(str(err))
+        mark = CancelMark(key) if key is not None else None
+
+        def cancelled() -> bool:
+            """The client's cancel: seen by the front (its mark), or by this model when called directly."""
+            return (mark is not None and mark.is_set()) or request.is_cancelled()
+
         latents, schedules = [], []
         try:
-            check_request(request, deadline, "encoding the prompts")
-            embeds = await self._encode(request, deadline)
+            check_request(cancelled, deadline, "encoding the prompts")
+            embeds = await self._encode(request, cancelled, deadline)
             for i, image_request in enumerate(image_requests):
                 branch_cond = {
                     branch: {
@@ -382,13 +325,13 @@ class TritonPythonModel:
                     }
                     for branch in (UNCOND, COND)
                 }
-                image_latents, summary = await self._denoise_placed(image_request, branch_cond, request, deadline)
+                image_latents, summary = await self._denoise_placed(image_request, branch_cond, cancelled, deadline)
                 latents.append(image_latents)
                 schedules.append(json.dumps(summary))
             # Only a cancel stops a finished run here: the deadline bounds the waiting, not the decoding.
-            check_request(request, None, "decoding the latents")
+            check_request(cancelled, None, "decoding the latents")
             decode_started = time.monotonic()
-            image = await self._decode(torch.cat(latents), request, deadline)
+            image = await self._decode(torch.cat(latents), cancelled, deadline)
             self._learn_decode(image_requests[0], time.monotonic() - decode_started, len(latents))
         except InputRefused as err:
             return error_response(str(err), "INVALID_ARG")

@@ -8,7 +8,8 @@ from .. import wire
 from ..families import get_family
 from ..params import InvalidParameter
 from ..validation import check_vae_latents, model_limits
-from .common import error_response, input_tensor, model_context, response
+from .bls import error_response
+from .common import input_tensor, model_context, response
 
 
 class TritonPythonModel:
