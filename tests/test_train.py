@@ -70,3 +70,16 @@ def test_serving_vae_decodes_the_same_latents_at_twice_the_side(tmp_path):
     latents = torch.zeros(1, 16, TINY.image_size // 4, TINY.image_size // 4)
     with torch.no_grad():
         assert served.decode(latents).sample.shape[-1] == 2 * base.decode(latents).sample.shape[-1]
+
+
+def test_a_share_of_training_captions_is_mislabelled_the_same_way_every_time():
+    from train.data import make_batch
+    from train.stages import training_captions
+
+    _, examples = make_batch(0, 0, 400)
+    truthful = [e.caption for e in examples]
+    assert training_captions(examples, 0.0, 0, 7) == truthful
+    noisy = training_captions(examples, 0.3, 0, 7)
+    assert noisy == training_captions(examples, 0.3, 0, 7) != training_captions(examples, 0.3, 0, 8)
+    wrong = sum(a != b for a, b in zip(noisy, truthful, strict=True)) / len(truthful)
+    assert 0.25 < wrong < 0.35, wrong

@@ -8,6 +8,7 @@ import pytest
 from train.data import (
     ALL_COMBINATIONS,
     COLOURS,
+    HELD_OUT,
     HELD_OUT_COMBINATIONS,
     POSITIONS,
     SHAPES,
@@ -15,6 +16,7 @@ from train.data import (
     draw,
     make_batch,
     make_example,
+    mislabel,
 )
 from train.score import NONE, parse_caption, read_image, score
 
@@ -63,3 +65,17 @@ def test_bad_words_are_named():
         draw("purple", "circle", "on the left", 32, np.random.default_rng(0))
     with pytest.raises(ValueError, match="not of the form"):
         parse_caption("two red circles")
+
+
+def test_a_mislabelled_caption_changes_one_attribute_and_never_names_a_held_out_combination():
+    rng = np.random.default_rng(11)
+    changed_attributes = set()
+    for i in range(400):
+        example = make_example(6, i)
+        truth = (example.colour, example.shape, example.position)
+        wrong = mislabel(*truth, rng)
+        changed = [k for k in range(3) if truth[k] != wrong[k]]
+        assert len(changed) == 1, (truth, wrong)
+        changed_attributes.add(changed[0])
+        assert wrong in TRAIN_COMBINATIONS and wrong not in HELD_OUT
+    assert changed_attributes == {0, 1, 2}

@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--text-lr", type=float, default=1e-3, help="0 freezes the text encoders")
     parser.add_argument("--drop", type=float, default=0.1, help="caption dropout (classifier-free guidance)")
+    parser.add_argument("--mislabel", type=float, default=0.0,
+                        help="share of training captions naming one attribute wrongly (train.data.mislabel)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latent-mode", choices=["sample", "mean"], default="sample",
                         help="train the denoiser on sampled latents or on the VAE's posterior mean")
@@ -49,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serving_vae = train_serving_vae(size, args.family, args.state, vae,
                                     Hyper(steps=args.vae_steps, batch=16, lr=1e-3, seed=args.seed), **run_kwargs)
     hyper = Hyper(steps=args.steps, batch=args.batch, lr=args.lr, text_lr=args.text_lr, drop=args.drop,
-                  seed=args.seed, latent_mode=args.latent_mode)
+                  mislabel=args.mislabel, seed=args.seed, latent_mode=args.latent_mode)
     modules, tokenizers, done = train_denoiser(args.family, size, args.state, vae, hyper, **run_kwargs)
     if done < args.steps and not args.export_now:
         print(f"{args.family}: stopped at step {done} of {args.steps}; run again to resume", file=sys.stderr)

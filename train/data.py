@@ -100,6 +100,30 @@ def make_example(
     return Example(draw(colour, shape, position, size, rng), caption(colour, shape, position), colour, shape, position)
 
 
+def mislabel(
+    colour: str, shape: str, position: str, rng: np.random.Generator,
+    combinations: tuple[tuple[str, str, str], ...] = TRAIN_COMBINATIONS,
+) -> tuple[str, str, str]:
+    """The combination with one attribute named wrongly: what a wrong caption of its picture would say.
+
+    Why: a model trained on captions that always match converges to drawing the caption without guidance, so
+    classifier-free guidance stops mattering. Web captions are often wrong; guidance, favouring pictures the caption
+    fits better than the unconditional prediction does, is what removes the share of wrong captions the conditional
+    model learns (docs/training.md). The attribute is drawn uniformly, then the wrong value; the result stays in
+    ``combinations`` (a wrong caption never names a held-out combination).
+    """
+    labels = (colour, shape, position)
+    options: dict[int, list[tuple[str, str, str]]] = {}
+    for attribute, values in enumerate((COLOURS, SHAPES, POSITIONS)):
+        for value in values:
+            changed = tuple(value if a == attribute else v for a, v in enumerate(labels))
+            if value != labels[attribute] and changed in combinations:
+                options.setdefault(attribute, []).append(changed)
+    attributes = sorted(options)
+    choices = options[attributes[int(rng.integers(len(attributes)))]]
+    return choices[int(rng.integers(len(choices)))]
+
+
 def make_batch(
     seed: int, start: int, count: int, size: int = 32,
     combinations: tuple[tuple[str, str, str], ...] = TRAIN_COMBINATIONS,

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
@@ -22,7 +23,7 @@ from export.sd3_checkpoint import make_flow_scheduler, make_t5_encoder, make_t5_
 from export.sdxl_checkpoint import make_scheduler, make_unet
 from train import loop
 from train.components import TrainSize, make_serving_vae, make_vae, write_tokenizers
-from train.data import make_batch
+from train.data import Example, caption, make_batch, mislabel
 
 MAX_TOKENS = 77  # CLIP's context, as the pipelines pad to
 
@@ -36,14 +37,22 @@ class Hyper:
     lr: float = 5e-4
     text_lr: float = 1e-3  # 0: text encoders frozen at their random initialisation
     drop: float = 0.1  # caption dropout for classifier-free guidance
+    mislabel: float = 0.0  # share of captions naming one attribute wrongly (train.data.mislabel)
     ema: float = 0.999
     seed: int = 0
     latent_mode: str = "sample"  # "mean": train on the posterior mean (no VAE sampling noise in the target)
 
 
-def _images(size: TrainSize, seed: int, step: int, batch: int) -> tuple[torch.Tensor, list[str]]:
+def _images(size: TrainSize, seed: int, step: int, batch: int) -> tuple[torch.Tensor, list[Example]]:
     images, examples = make_batch(seed, step * batch, batch, size.image_size)
-    return torch.from_numpy(images), [e.caption for e in examples]
+    return torch.from_numpy(images), examples
+
+
+def training_captions(examples: list[Example], share: float, seed: int, step: int) -> list[str]:
+    """The examples' captions, a ``share`` of them (drawn from (seed, step) alone) naming one attribute wrongly."""
+    rng = np.random.default_rng([seed, step, 1])
+    return [caption(*mislabel(e.colour, e.shape, e.position, rng)) if rng.random() < share else e.caption
+            for e in examples]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,7 +250,8 @@ def train_denoiser(family: str, size: TrainSize, state_dir: Path, vae: Autoencod
 
     def step_fn(step: int) -> torch.Tensor:
         gen = loop.step_generator(hyper.seed, step)
-        x, captions = _images(size, hyper.seed, step, hyper.batch)
+        x, examples = _images(size, hyper.seed, step, hyper.batch)
+        captions = training_captions(examples, hyper.mislabel, hyper.seed, step)
         latents = encode_latents(vae, x, gen, hyper.latent_mode)
         dropped = torch.rand(len(captions), generator=gen) < hyper.drop
         noise = torch.randn(latents.shape, generator=gen)
