@@ -48,14 +48,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "max_seconds": None if args.minutes is None else args.minutes * 60}
     vae = train_vae(size, args.family, args.state, Hyper(steps=args.vae_steps, batch=32, lr=1e-3, seed=args.seed),
                     **run_kwargs)
-    serving_vae = train_serving_vae(size, args.family, args.state, vae,
-                                    Hyper(steps=args.vae_steps, batch=16, lr=1e-3, seed=args.seed), **run_kwargs)
+    # The denoiser needs only the base VAE: trained before the serving VAE, a running state can be scored
+    # (train.evaluate --state --vae vae-FAMILY) while it trains. Every stage seeds itself, so the order changes nothing.
     hyper = Hyper(steps=args.steps, batch=args.batch, lr=args.lr, text_lr=args.text_lr, drop=args.drop,
                   mislabel=args.mislabel, seed=args.seed, latent_mode=args.latent_mode)
     modules, tokenizers, done = train_denoiser(args.family, size, args.state, vae, hyper, **run_kwargs)
     if done < args.steps and not args.export_now:
         print(f"{args.family}: stopped at step {done} of {args.steps}; run again to resume", file=sys.stderr)
         return 0
+    serving_vae = train_serving_vae(size, args.family, args.state, vae,
+                                    Hyper(steps=args.vae_steps, batch=16, lr=1e-3, seed=args.seed), **run_kwargs)
     export(args.family, args.out, args.state, serving_vae, modules, tokenizers)
     return 0
 
