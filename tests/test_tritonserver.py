@@ -40,11 +40,6 @@ def test_server_env_without_existing_vars() -> None:
     assert shutil.which("bash", path=env["PATH"]) is not None
 
 
-def test_server_env_caps_malloc_arenas_unless_the_operator_set_them() -> None:
-    assert server_env({})["MALLOC_ARENA_MAX"] == "2"
-    assert server_env({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
-
-
 @pytest.mark.parametrize("symlink", [True, False])
 def test_prepare_backend_dir_is_idempotent(tmp_path: Path, symlink: bool) -> None:
     root = find_pytriton_root()

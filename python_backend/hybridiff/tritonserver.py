@@ -140,12 +140,8 @@ def server_env(base_env: Mapping[str, str] | None = None) -> dict[str, str]:
     * ``PATH``: the venv's ``bin`` first, so the stub's embedded Python resolves ``sys.prefix`` to the
       venv and imports its packages (torch, diffusers) without ``PYTHONPATH``; and ``bash`` must be
       reachable, since the backend launches each stub through it.
-    * ``MALLOC_ARENA_MAX`` (unless set): 2 glibc malloc arenas per process instead of up to 8 per core.
-      tritonserver's request threads each took an arena of their own, which kept growing for thousands
-      of requests (docs/soak.md); the stubs allocate from one or two threads and lose nothing by it.
     """
     env = dict(os.environ if base_env is None else base_env)
-    env.setdefault("MALLOC_ARENA_MAX", "2")
     root = find_pytriton_root()
 
     lib_dirs = [str(_libs_dir(root))]
