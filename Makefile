@@ -27,7 +27,8 @@ LISTEN ?= 127.0.0.1
 ADMIN_KEY_FILE ?= build/admin-key
 CHAOS_ROUNDS ?= 2
 CHAOS_USERS ?= 4
-SOAK_REQUESTS ?= 1000
+SOAK_REQUESTS ?= 2300
+SOAK_WARMUP ?= 1300
 SOAK_SIZE ?= tiny
 PROTOCOL ?= http
 MODE ?= hybrid
@@ -149,9 +150,10 @@ chaos: repository
 		--users $(CHAOS_USERS) --out out/chaos
 
 # Soak: SOAK_REQUESTS requests of both families, every mode, mixed sizes, HTTP and gRPC, on the SOAK_SIZE
-# checkpoints; writes out/soak/soak.{md,csv} with each process's RSS after the warm-up and at the end.
+# checkpoints; writes out/soak/soak.{md,csv} with each process's RSS after SOAK_WARMUP requests and at the end
+# (tritonserver's memory fills over its first thousand or so requests: docs/soak.md).
 soak: setup
-	$(PY) -m loadtest.soak --size $(SOAK_SIZE) --requests $(SOAK_REQUESTS) --out out/soak
+	$(PY) -m loadtest.soak --size $(SOAK_SIZE) --requests $(SOAK_REQUESTS) --warmup $(SOAK_WARMUP) --out out/soak
 
 lint: setup
 	$(VENV)/bin/ruff check .
