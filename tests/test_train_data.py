@@ -79,3 +79,12 @@ def test_a_mislabelled_caption_changes_one_attribute_and_never_names_a_held_out_
         changed_attributes.add(changed[0])
         assert wrong in TRAIN_COMBINATIONS and wrong not in HELD_OUT
     assert changed_attributes == {0, 1, 2}
+
+
+def test_a_mislabelled_caption_changes_only_the_attributes_allowed():
+    rng = np.random.default_rng(12)
+    for i in range(200):
+        example = make_example(7, i)
+        truth = (example.colour, example.shape, example.position)
+        wrong = mislabel(*truth, rng, attributes=("position",))
+        assert wrong[:2] == truth[:2] and wrong[2] != truth[2] and wrong in TRAIN_COMBINATIONS

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from train.components import TRAIN_SIZES
+from train.data import ATTRIBUTES
 from train.stages import Hyper, export, train_denoiser, train_serving_vae, train_vae
 
 
@@ -33,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--drop", type=float, default=0.1, help="caption dropout (classifier-free guidance)")
     parser.add_argument("--mislabel", type=float, default=0.0,
                         help="share of training captions naming one attribute wrongly (train.data.mislabel)")
+    parser.add_argument("--mislabel-attributes", nargs="+", choices=ATTRIBUTES, default=list(ATTRIBUTES),
+                        help="the attributes a wrong caption may name wrongly")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latent-mode", choices=["sample", "mean"], default="sample",
                         help="train the denoiser on sampled latents or on the VAE's posterior mean")
@@ -51,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The denoiser needs only the base VAE: trained before the serving VAE, a running state can be scored
     # (train.evaluate --state --vae vae-FAMILY) while it trains. Every stage seeds itself, so the order changes nothing.
     hyper = Hyper(steps=args.steps, batch=args.batch, lr=args.lr, text_lr=args.text_lr, drop=args.drop,
-                  mislabel=args.mislabel, seed=args.seed, latent_mode=args.latent_mode)
+                  mislabel=args.mislabel, mislabel_attributes=tuple(args.mislabel_attributes), seed=args.seed,
+                  latent_mode=args.latent_mode)
     modules, tokenizers, done = train_denoiser(args.family, size, args.state, vae, hyper, **run_kwargs)
     if done < args.steps and not args.export_now:
         print(f"{args.family}: stopped at step {done} of {args.steps}; run again to resume", file=sys.stderr)

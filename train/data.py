@@ -28,6 +28,7 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "at the bottom": (0.5, 0.75),
     "in the center": (0.5, 0.5),
 }
+ATTRIBUTES = ("colour", "shape", "position")
 BACKGROUND = (0.2, 0.2, 0.2)
 # Object half-size (circle radius, square half-side, triangle half-base) and centre jitter, fractions of the side.
 HALF_SIZE_RANGE = (0.16, 0.2)
@@ -103,18 +104,21 @@ def make_example(
 def mislabel(
     colour: str, shape: str, position: str, rng: np.random.Generator,
     combinations: tuple[tuple[str, str, str], ...] = TRAIN_COMBINATIONS,
+    attributes: tuple[str, ...] = ATTRIBUTES,
 ) -> tuple[str, str, str]:
     """The combination with one attribute named wrongly: what a wrong caption of its picture would say.
 
     Why: a model trained on captions that always match converges to drawing the caption without guidance, so
     classifier-free guidance stops mattering. Web captions are often wrong; guidance, favouring pictures the caption
     fits better than the unconditional prediction does, is what removes the share of wrong captions the conditional
-    model learns (docs/training.md). The attribute is drawn uniformly, then the wrong value; the result stays in
-    ``combinations`` (a wrong caption never names a held-out combination).
+    model learns (docs/training.md). The attribute is drawn uniformly from ``attributes``, then the wrong value; the
+    result stays in ``combinations`` (a wrong caption never names a held-out combination).
     """
     labels = (colour, shape, position)
     options: dict[int, list[tuple[str, str, str]]] = {}
     for attribute, values in enumerate((COLOURS, SHAPES, POSITIONS)):
+        if ATTRIBUTES[attribute] not in attributes:
+            continue
         for value in values:
             changed = tuple(value if a == attribute else v for a, v in enumerate(labels))
             if value != labels[attribute] and changed in combinations:

@@ -23,7 +23,7 @@ from export.sd3_checkpoint import make_flow_scheduler, make_t5_encoder, make_t5_
 from export.sdxl_checkpoint import make_scheduler, make_unet
 from train import loop
 from train.components import TrainSize, make_serving_vae, make_vae, write_tokenizers
-from train.data import Example, caption, make_batch, mislabel
+from train.data import ATTRIBUTES, Example, caption, make_batch, mislabel
 
 MAX_TOKENS = 77  # CLIP's context, as the pipelines pad to
 
@@ -38,6 +38,7 @@ class Hyper:
     text_lr: float = 1e-3  # 0: text encoders frozen at their random initialisation
     drop: float = 0.1  # caption dropout for classifier-free guidance
     mislabel: float = 0.0  # share of captions naming one attribute wrongly (train.data.mislabel)
+    mislabel_attributes: tuple[str, ...] = ATTRIBUTES  # which attributes a wrong caption may get wrong
     ema: float = 0.999
     seed: int = 0
     latent_mode: str = "sample"  # "mean": train on the posterior mean (no VAE sampling noise in the target)
@@ -48,11 +49,12 @@ def _images(size: TrainSize, seed: int, step: int, batch: int) -> tuple[torch.Te
     return torch.from_numpy(images), examples
 
 
-def training_captions(examples: list[Example], share: float, seed: int, step: int) -> list[str]:
+def training_captions(examples: list[Example], share: float, seed: int, step: int,
+                      attributes: tuple[str, ...] = ATTRIBUTES) -> list[str]:
     """The examples' captions, a ``share`` of them (drawn from (seed, step) alone) naming one attribute wrongly."""
     rng = np.random.default_rng([seed, step, 1])
-    return [caption(*mislabel(e.colour, e.shape, e.position, rng)) if rng.random() < share else e.caption
-            for e in examples]
+    return [caption(*mislabel(e.colour, e.shape, e.position, rng, attributes=attributes))
+            if rng.random() < share else e.caption for e in examples]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,7 +253,7 @@ def train_denoiser(family: str, size: TrainSize, state_dir: Path, vae: Autoencod
     def step_fn(step: int) -> torch.Tensor:
         gen = loop.step_generator(hyper.seed, step)
         x, examples = _images(size, hyper.seed, step, hyper.batch)
-        captions = training_captions(examples, hyper.mislabel, hyper.seed, step)
+        captions = training_captions(examples, hyper.mislabel, hyper.seed, step, hyper.mislabel_attributes)
         latents = encode_latents(vae, x, gen, hyper.latent_mode)
         dropped = torch.rand(len(captions), generator=gen) < hyper.drop
         noise = torch.randn(latents.shape, generator=gen)
