@@ -115,16 +115,15 @@ def mislabel(
     result stays in ``combinations`` (a wrong caption never names a held-out combination).
     """
     labels = (colour, shape, position)
-    options: dict[int, list[tuple[str, str, str]]] = {}
-    for attribute, values in enumerate((COLOURS, SHAPES, POSITIONS)):
-        if ATTRIBUTES[attribute] not in attributes:
-            continue
-        for value in values:
-            changed = tuple(value if a == attribute else v for a, v in enumerate(labels))
-            if value != labels[attribute] and changed in combinations:
-                options.setdefault(attribute, []).append(changed)
-    attributes = sorted(options)
-    choices = options[attributes[int(rng.integers(len(attributes)))]]
+    options: dict[int, list[tuple[str, str, str]]] = {}  # attribute index -> the wrong captions it allows
+    for index, (name, values) in enumerate(zip(ATTRIBUTES, (COLOURS, SHAPES, POSITIONS), strict=True)):
+        if name in attributes:
+            for value in values:
+                changed = labels[:index] + (value,) + labels[index + 1:]
+                if value != labels[index] and changed in combinations:
+                    options.setdefault(index, []).append(changed)
+    wrong_indices = sorted(options)
+    choices = options[wrong_indices[int(rng.integers(len(wrong_indices)))]]
     return choices[int(rng.integers(len(choices)))]
 
 
