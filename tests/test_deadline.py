@@ -170,8 +170,10 @@ def test_board_jobs_become_seconds_left_at_their_own_size_and_speed():
         "b": {"devices": [0, 1], "steps_left": 4, "cost_key": "sdxl:128x128", "deadline": None, "may_yield": True},
     }
     running = running_from(jobs, estimates, now=100.0)
-    assert running["a"] == Running((0,), pytest.approx(1.0), pytest.approx(5.0), False)
+    assert running["a"] == Running((0,), pytest.approx(1.0), pytest.approx(5.0), False, "sdxl:64x64",
+                                   pytest.approx(0.1))
     assert running["b"].remaining_s == pytest.approx(4 * 0.25) and running["b"].may_yield
+    assert running["b"].step_s == pytest.approx(0.25)  # a step at its two-device speed
     assert running_from({**jobs, "c": {"devices": [1], "steps_left": 3, "cost_key": "sd3:64x64"}}, estimates,
                         100.0) is None  # a size never measured: no numbers
 
@@ -301,3 +303,22 @@ def test_predict_prices_an_explicit_placement_on_the_current_load():
     choice = predict(placement, 20, None, [Running((1,), 3.0)], COSTS)
     assert choice.devices == (0, 1) and choice.meets
     assert choice.predicted_s == pytest.approx(overlap_latency(1.25, [3.0], COSTS))
+
+
+def test_a_neighbour_of_another_size_is_priced_by_alternating_steps_not_by_batching():
+    """Device 0 runs a larger image (0.4 s steps, 64 left), device 1 one of the newcomer's size with fewer
+    steps left than the newcomer has. Priced as if every neighbour batched with it, sharing device 0 and
+    growing onto device 1 when that frees looks fastest; but a larger image shares no forward, and each
+    of the newcomer's 40 steps would wait for one of its 0.4 s steps: device 1 is the faster choice."""
+    big = Running((0,), 64 * 0.4, cost_key="sdxl:256x256", step_s=0.4)
+    same = Running((1,), 36 * 0.1, cost_key="sdxl:64x64", step_s=0.1)
+    assert choose(40, None, [big, same], COSTS, 2).devices == (0,)  # all one size: the old pricing
+    choice = choose(40, None, [big, same], COSTS, 2, cost_key="sdxl:64x64")
+    assert choice.mode is Mode.SERIAL and choice.devices == (1,)
+    # On device 0 each of its 40 steps would wait for a 0.4 s step of the larger image: 4.0 + 16.0 s.
+    assert overlap_latency(4.0, [big.as_neighbour("sdxl:64x64")], COSTS, 0.1) == pytest.approx(20.0)
+    assert choice.predicted_s < 20.0
+    # ... and that larger run is pushed past its deadline by a newcomer's alternating steps.
+    tight = Running((0,), 2 * 0.4, deadline_s=1.0, cost_key="sdxl:256x256", step_s=0.4)
+    assert pushes_late((0,), 4.0, [tight], COSTS, cost_key="sdxl:64x64", own_step_s=0.1) == [tight]
+    assert pushes_late((0,), 4.0, [tight], COSTS) == [tight]  # priced by batching: 0.8 + 0.8 / 3

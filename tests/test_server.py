@@ -276,18 +276,6 @@ def test_concurrent_serial_requests_spread_over_the_devices(server):
     assert devices == [0, 1]
 
 
-def test_serial_requests_meeting_on_a_device_are_batched_and_keep_their_images(server):
-    calls = [{"mode": "serial", "steps": 30, "seed": 30 + i} for i in range(6)]
-    results = _concurrent(server, calls)
-    schedules = [r.schedules[0] for r in results]
-    assert sorted(s["devices"][0] for s in schedules).count(0) >= 2  # several requests per device
-    assert sum(s["batched_steps"] for s in schedules) > 0, schedules
-    for fields, result in zip(calls, results, strict=True):
-        solo = call(server, "http", **fields)
-        assert solo.schedules[0]["batched_steps"] == 0
-        assert max_pixel_diff(result.images[0], solo.images[0]) <= 1
-
-
 def test_orchestrator_exports_schedule_metrics(server):
     import urllib.request
 

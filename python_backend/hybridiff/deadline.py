@@ -4,7 +4,8 @@
 weighs how much work they have left and the newcomer's deadline: a device shared by requests is
 modelled as processor sharing (every request on it advances at the same rate, batching making a
 shared step cheaper than two), so a request's predicted latency is its own work plus the part of
-every neighbour's remaining work that overlaps it. Two idle devices are split (the capacity that
+every neighbour's remaining work that overlaps it; a neighbour of another image size shares no
+forward, so each of our steps waits for one of its steps. Two idle devices are split (the capacity that
 splitting wastes would idle anyway); otherwise it takes the least device time that meets the
 deadline (serial), both devices only when serial would miss and splitting would not, and the
 fastest placement when nothing meets it. The degree of parallelism follows the load between steps:
@@ -111,6 +112,32 @@ class Running:
     remaining_s: float  # solo seconds of work left at its placement's speed
     deadline_s: float | None = None  # seconds until its deadline; None: none
     may_yield: bool = False  # a split auto run that can still finish on one device
+    cost_key: str = ""  # family and image size: requests of one key share a device's forwards
+    step_s: float = 0.0  # seconds of one of its steps alone at its placement's speed
+
+    def as_neighbour(self, cost_key: str | None) -> Neighbour:
+        """This run as seen by a request of ``cost_key`` sharing a device with it (None: the same size)."""
+        foreign = cost_key is not None and self.cost_key != cost_key and self.step_s > 0
+        return Neighbour(self.remaining_s, self.step_s if foreign else None)
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """Work left on a device we share. ``step_s`` None: a request of our size, whose steps batch with
+    ours (processor sharing at the batching gain); else its seconds per step: another size shares no
+    forward, so the device alternates its steps with ours, one of its steps per one of ours."""
+
+    remaining_s: float
+    step_s: float | None = None
+
+    def delay(self, own_s: float, own_step_s: float | None, costs: Costs) -> float:
+        """Seconds it adds to ``own_s`` seconds of our work in steps of ``own_step_s``."""
+        if self.step_s is None or not own_step_s:
+            return costs.overlap_cost * min(self.remaining_s, own_s)
+        return min(self.remaining_s, own_s / own_step_s * self.step_s)
+
+    def later(self, seconds: float) -> Neighbour:
+        return Neighbour(max(self.remaining_s - seconds, 0.0), self.step_s)
 
 
 def running_from(
@@ -124,11 +151,14 @@ def running_from(
         if costs is None or "steps_left" not in job:
             return None
         deadline = job.get("deadline")
+        devices = len(set(job["devices"]))
         running[key] = Running(
             tuple(job["devices"]),
-            costs.seconds(int(job["steps_left"]), len(set(job["devices"]))),
+            costs.seconds(int(job["steps_left"]), devices),
             None if deadline is None else deadline - now,
             bool(job.get("may_yield", False)),
+            job.get("cost_key", ""),
+            costs.seconds(1, devices),
         )
     return running
 
@@ -144,10 +174,13 @@ class Choice:
     meets: bool = True
 
 
-def overlap_latency(own_s: float, neighbours_s: list[float], costs: Costs) -> float:
-    """Latency of ``own_s`` seconds of solo work on a device whose other requests have ``neighbours_s``
-    seconds of solo work left: each neighbour slows us for as long as both run."""
-    return own_s + costs.overlap_cost * sum(min(n, own_s) for n in neighbours_s)
+def overlap_latency(own_s: float, neighbours: Sequence[float | Neighbour], costs: Costs,
+                    own_step_s: float | None = None) -> float:
+    """Latency of ``own_s`` seconds of solo work (in steps of ``own_step_s``) on a device shared with
+    ``neighbours`` (a float: a neighbour of our size with that many seconds left): each slows us for as
+    long as both run (:meth:`Neighbour.delay`)."""
+    return own_s + sum((n if isinstance(n, Neighbour) else Neighbour(n)).delay(own_s, own_step_s, costs)
+                       for n in neighbours)
 
 
 def keeps_pair(run: Running, costs: Costs) -> bool:
@@ -165,10 +198,12 @@ def yields(run: Running, costs: Costs) -> bool:
 
 
 def pushes_late(devices: Sequence[int], own_s: float, running: Sequence[Running], costs: Costs,
-                spared: Sequence[Running] = ()) -> list[Running]:
-    """The running requests that a newcomer with ``own_s`` seconds of solo work on ``devices`` would push
-    past their deadlines: each one sharing a device with it is slowed for as long as both run, and counts
-    if it meets its deadline now and would not then. ``spared``: runs that give the device back instead.
+                spared: Sequence[Running] = (), cost_key: str | None = None,
+                own_step_s: float | None = None) -> list[Running]:
+    """The running requests that a newcomer with ``own_s`` seconds of solo work (in steps of
+    ``own_step_s``, of size ``cost_key``; None: the same size as every run) on ``devices`` would push past
+    their deadlines: each one sharing a device with it is slowed for as long as both run, and counts if
+    it meets its deadline now and would not then. ``spared``: runs that give the device back instead.
 
     Admitted requests come first: a newcomer that would make one of them late is placed elsewhere or
     refused (:func:`choose`), so an overload costs the newcomers, not the requests half done.
@@ -177,9 +212,12 @@ def pushes_late(devices: Sequence[int], own_s: float, running: Sequence[Running]
     for run in running:
         if run.deadline_s is None or any(run is s for s in spared) or not set(devices) & set(run.devices):
             continue
-        others = [o.remaining_s for o in running if o is not run and set(o.devices) & set(run.devices)]
-        now = overlap_latency(run.remaining_s, others, costs)
-        slowed = now + costs.overlap_cost * min(own_s, run.remaining_s)
+        seen_by = run.cost_key or None
+        others = [o.as_neighbour(seen_by) for o in running if o is not run and set(o.devices) & set(run.devices)]
+        now = overlap_latency(run.remaining_s, others, costs, run.step_s)
+        foreign = cost_key is not None and seen_by is not None and cost_key != seen_by
+        newcomer = Neighbour(own_s, own_step_s if foreign else None)
+        slowed = now + newcomer.delay(run.remaining_s, run.step_s, costs)
         if now * DEADLINE_MARGIN <= run.deadline_s < slowed * DEADLINE_MARGIN:
             late.append(run)
     return late
@@ -193,8 +231,10 @@ def choose(
     num_devices: int,
     guidance: bool = True,
     up: Sequence[bool] | None = None,
+    cost_key: str | None = None,
 ) -> Choice:
-    """The mode for a new ``auto`` request of ``steps`` steps with ``deadline_s`` seconds to finish.
+    """The mode for a new ``auto`` request of ``steps`` steps with ``deadline_s`` seconds to finish
+    (of size ``cost_key``, against which neighbours of other sizes are priced; None: all one size).
 
     Both least busy devices idle: ``hybrid``. Otherwise serial on the device that finishes it first,
     if that meets the deadline (a split auto run there that gives the device back, by :func:`yields`,
@@ -208,11 +248,15 @@ def choose(
     if not candidates:
         raise NoDeviceLeft(f"all {num_devices} devices are down")
     own_s = steps * costs.step_s
+    split_step_s = costs.step_s / costs.parallel_speedup
     yielding = [r for r in running if yields(r, costs)]
 
-    def neighbours(device: int, alone_here: bool) -> list[float]:
-        return [r.remaining_s for r in running
+    def neighbours(device: int, alone_here: bool) -> list[Neighbour]:
+        return [r.as_neighbour(cost_key) for r in running
                 if device in r.devices and not (alone_here and any(r is y for y in yielding))]
+
+    def work_left(device: int, alone_here: bool) -> float:
+        return sum(n.remaining_s for n in neighbours(device, alone_here))
 
     def free_after(device: int) -> float:
         """When ``device`` has no other request left (a yielding split run there goes on serially)."""
@@ -228,26 +272,27 @@ def choose(
         if wait >= serial_s:
             return serial_s
         left = own_s * (1.0 - wait / serial_s)
-        after = [max(n - wait, 0.0) for n in neighbours(device, True)]
-        return min(serial_s, wait + overlap_latency(left / costs.parallel_speedup, after, costs))
+        after = [n.later(wait) for n in neighbours(device, True)]
+        return min(serial_s, wait + overlap_latency(left / costs.parallel_speedup, after, costs, split_step_s))
 
     def option(mode: Mode, devices: tuple[int, ...], work_s: float, alone_here: bool) -> Choice:
-        predicted = max(overlap_latency(work_s, neighbours(d, alone_here), costs) for d in devices)
+        step_s = costs.step_s if len(devices) == 1 else split_step_s
+        predicted = max(overlap_latency(work_s, neighbours(d, alone_here), costs, step_s) for d in devices)
         if mode is Mode.SERIAL:
             predicted = grown_latency(devices[0], predicted)
         if deadline_s is None:
             return Choice(mode, devices, predicted)
         spared = yielding if alone_here else ()
-        meets = predicted * DEADLINE_MARGIN <= deadline_s and not pushes_late(devices, work_s, running, costs, spared)
-        return Choice(mode, devices, predicted, meets)
+        late = pushes_late(devices, work_s, running, costs, spared, cost_key, step_s)
+        return Choice(mode, devices, predicted, predicted * DEADLINE_MARGIN <= deadline_s and not late)
 
     # Equal predictions (e.g. neighbours all longer than this request, or batching that looks free)
     # go to the device with less work left, then the lower index.
     serials = [option(Mode.SERIAL, (d,), own_s, True) for d in candidates]
-    serial = min(serials, key=lambda c: (not c.meets, c.predicted_s, sum(neighbours(c.devices[0], True)), c.devices))
+    serial = min(serials, key=lambda c: (not c.meets, c.predicted_s, work_left(c.devices[0], True), c.devices))
     if not guidance or len(candidates) < 2:
         return serial
-    order = sorted(candidates, key=lambda d: (sum(neighbours(d, False)), d))
+    order = sorted(candidates, key=lambda d: (work_left(d, False), d))
     pair = (min(order[:2]), max(order[:2]))
     split_s = own_s / costs.parallel_speedup
     if not neighbours(pair[0], False) and not neighbours(pair[1], False):
@@ -261,17 +306,19 @@ def choose(
 
 
 def predict(placement: Placement, steps: int, deadline_s: float | None, running: Sequence[Running],
-            costs: Costs) -> Choice:
+            costs: Costs, cost_key: str | None = None) -> Choice:
     """The latency of an explicit placement on this load, and whether it meets ``deadline_s`` as :func:`choose`
     counts it (its own deadline, and no running request pushed past its own)."""
-    own_s = steps * costs.step_s
     devices = placement.devices
-    work_s = own_s / costs.parallel_speedup if len(devices) == 2 else own_s
+    step_s = costs.step_s / costs.parallel_speedup if len(devices) == 2 else costs.step_s
+    work_s = steps * step_s
     predicted = max(
-        overlap_latency(work_s, [r.remaining_s for r in running if d in r.devices], costs) for d in devices
+        overlap_latency(work_s, [r.as_neighbour(cost_key) for r in running if d in r.devices], costs, step_s)
+        for d in devices
     )
     meets = deadline_s is None or (
-        predicted * DEADLINE_MARGIN <= deadline_s and not pushes_late(devices, work_s, running, costs)
+        predicted * DEADLINE_MARGIN <= deadline_s
+        and not pushes_late(devices, work_s, running, costs, (), cost_key, step_s)
     )
     return Choice(placement.mode, devices, predicted, meets)
 
@@ -315,6 +362,7 @@ def place(
     loads: list[int],
     up: Sequence[bool] | None = None,
     admit_by_deadline: bool = True,
+    cost_key: str | None = None,
 ) -> Decision:
     """Where a request runs: ``auto`` by :func:`choose` when the board has the numbers (``costs`` for
     the request's size, ``running`` for every job), every other case by ``place_request``'s count rule.
@@ -326,10 +374,10 @@ def place(
     if costs is None or running is None:
         return Decision(counted, "count")
     if mode is not Mode.AUTO:
-        predicted = predict(counted, steps, deadline_s, running, costs)
+        predicted = predict(counted, steps, deadline_s, running, costs, cost_key)
         refused = refusal(predicted, deadline_s, idle=not running) if admit_by_deadline else None
         return Decision(counted, "count", predicted.predicted_s, refused)
-    choice = choose(steps, deadline_s, running, costs, len(loads), guidance, up)
+    choice = choose(steps, deadline_s, running, costs, len(loads), guidance, up, cost_key)
     if choice.mode is Mode.SERIAL:
         placement = Placement(Mode.SERIAL, choice.devices[0], counted.pair, guidance)
     else:

@@ -215,7 +215,7 @@ class TritonPythonModel:
         def choose(snapshot: Snapshot):
             view = view_of(snapshot, None, cost_key)
             decided = place(image_request.mode, guidance, image_request.steps, denoise_s, view.costs,
-                            view.others, snapshot.loads, snapshot.up, self.queues.admit_by_deadline)
+                            view.others, snapshot.loads, snapshot.up, self.queues.admit_by_deadline, cost_key)
             if decided.refused is not None:
                 return (decided, snapshot.loads), ()
             placement = decided.placement
