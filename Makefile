@@ -67,9 +67,10 @@ checkpoints: $(SDXL_MODEL)/model_index.json $(SD3_MODEL)/model_index.json
 
 # The trained shape models (docs/training.md): `make train FAMILY=sdxl` reproduces models/sdxl-shapes. Resumable:
 # the state lives in checkpoints/train/FAMILY; run the same command again after a stop to continue.
-TRAIN_STEPS_sdxl ?= 2464
-TRAIN_STEPS_sd3 ?= 3134
-TRAIN_ARGS_sd3 ?= --latent-mode mean
+TRAIN_STEPS_sdxl ?= 2000
+TRAIN_STEPS_sd3 ?= 1916
+TRAIN_ARGS_sdxl ?= --mislabel 0.3
+TRAIN_ARGS_sd3 ?= --latent-mode mean --mislabel 0.3
 train: setup
 	$(PY) -m train --family $(FAMILY) --size shapes --state checkpoints/train/$(FAMILY) \
 		--out models/$(FAMILY)-shapes --steps $(TRAIN_STEPS_$(FAMILY)) $(TRAIN_ARGS_$(FAMILY))

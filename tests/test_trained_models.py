@@ -1,8 +1,9 @@
 """The committed trained shape models (models/): they load with from_pretrained like any checkpoint, the family's
-serial mode matches diffusers' own pipeline on them, and they draw a held-out prompt's colour in the right place."""
+serial mode matches diffusers' own pipeline on them, they draw held-out prompts, and guidance matters."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -54,14 +55,23 @@ def test_serial_equals_diffusers_pipeline(family):
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
-def test_draws_held_out_prompts_colour_in_the_right_place(family):
-    """Every held-out combination, one seed each: colour and position right for at least 7 of the 8."""
+def test_draws_held_out_prompts_and_guidance_matters(family):
+    """Every held-out combination, two seeds each (16 images): colour and position right for at least 15 at the
+    default guidance, and the whole caption (colour, shape and position) right for at least 4 more images
+    than at guidance 1: trained on partly wrong captions, the model needs guidance to follow its prompt."""
     local = LocalPipeline(family, folder(family), devices=1)
-    right = 0
-    for i, (colour, shape, position) in enumerate(HELD_OUT_COMBINATIONS):
-        reading = read_image(local.generate(caption(colour, shape, position), request(family, 100 + i))[0])
-        right += reading.colour == colour and reading.position == position
-    assert right >= len(HELD_OUT_COMBINATIONS) - 1
+    placed, whole = {}, {}
+    for guidance in (GUIDANCE[family], 1.0):
+        placed[guidance] = whole[guidance] = 0
+        for seed in (100, 200):
+            for i, (colour, shape, position) in enumerate(HELD_OUT_COMBINATIONS):
+                fields = dataclasses.replace(request(family, seed + i), guidance_scale=guidance)
+                reading = read_image(local.generate(caption(colour, shape, position), fields)[0])
+                right = reading.colour == colour and reading.position == position
+                placed[guidance] += right
+                whole[guidance] += right and reading.shape == shape
+    assert placed[GUIDANCE[family]] >= 2 * len(HELD_OUT_COMBINATIONS) - 1, placed
+    assert whole[GUIDANCE[family]] >= whole[1.0] + 4, whole
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
