@@ -289,7 +289,7 @@ def train_denoiser(family: str, size: TrainSize, state_dir: Path, vae: Autoencod
 # chosen: docs/training.md, "The modes on the trained model"). A family without an entry keeps the family's knobs.
 TRAINED_KNOBS: dict[str, dict[str, float]] = {
     "sdxl": {"slope_window": 8, "eps_slope": 1.5e-3, "tau_cap": 20},
-    "sd3": {"slope_window": 4, "eps_slope": 1e-2, "tau_cap": 20},
+    "sd3": {"slope_window": 8, "eps_slope": 1.5e-2, "tau_cap": 25},
 }
 
 
