@@ -83,3 +83,23 @@ def test_a_share_of_training_captions_is_mislabelled_the_same_way_every_time():
     assert noisy == training_captions(examples, 0.3, 0, 7) != training_captions(examples, 0.3, 0, 8)
     wrong = sum(a != b for a, b in zip(noisy, truthful, strict=True)) / len(truthful)
     assert 0.25 < wrong < 0.35, wrong
+
+
+def test_a_state_is_resumed_only_by_its_own_recipe_and_up_to_its_steps(tmp_path):
+    """Resuming another recipe's state (e.g. after a change of --mislabel), or one already past --steps, would
+    give a model that no unbroken run gives: refused, naming what differs."""
+    from train import loop
+
+    def attempt(recipe: dict, steps: int) -> int:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        return loop.run("toy", tmp_path / "toy.pt", {"layer": layer}, optimizer,
+                        lambda step: layer(torch.ones(1, 2)).pow(2).sum(), steps, recipe=recipe)
+
+    assert attempt({"mislabel": 0.3}, 3) == 3
+    assert attempt({"mislabel": 0.3}, 5) == 5  # the same recipe goes on
+    with pytest.raises(SystemExit, match=r"mislabel 0.3 \(asked: 0.0\)"):
+        attempt({"mislabel": 0.0}, 8)
+    with pytest.raises(SystemExit, match="past --steps 4"):
+        attempt({"mislabel": 0.3}, 4)

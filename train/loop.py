@@ -48,6 +48,19 @@ def _save_atomic(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def check_resumable(name: str, state_path: Path, state: dict, recipe: dict | None, total_steps: int) -> None:
+    """Refuse a saved state that this run cannot continue into what an unbroken run would give."""
+    saved = state.get("recipe")
+    if recipe is not None and saved is not None and saved != recipe:
+        differ = ", ".join(f"{k} {saved.get(k)!r} (asked: {recipe.get(k)!r})"
+                           for k in sorted(set(saved) | set(recipe)) if saved.get(k) != recipe.get(k))
+        raise SystemExit(f"{name}: {state_path} was trained with another recipe: {differ}; "
+                         "use another --state, or remove it to start again")
+    if state["step"] > total_steps:
+        raise SystemExit(f"{name}: {state_path} is at step {state['step']}, past --steps {total_steps}: it cannot "
+                         "give the model of that step; use another --state")
+
+
 def run(
     name: str,
     state_path: Path,
@@ -61,16 +74,20 @@ def run(
     checkpoint_seconds: float = 180.0,
     max_seconds: float | None = None,
     log_every: int = 50,
+    recipe: dict | None = None,
 ) -> int:
     """Train until ``total_steps`` (or ``max_seconds`` this call); returns the steps done so far in all.
 
     State (weights, EMA, optimizer, step) goes to ``state_path`` every ``checkpoint_seconds`` and at the end; the
     loss log to ``state_path`` with suffix ``.log.csv`` (step, loss averaged since the previous line, seconds).
+    ``recipe`` (what the steps depend on besides their number) is saved with the state; a state is resumed only
+    by the same recipe and only up to ``total_steps``, so a resumed run always equals an unbroken one.
     """
     emas = emas or {}
     step = 0
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
+        check_resumable(name, state_path, state, recipe, total_steps)
         for key, module in modules.items():
             module.load_state_dict(state["modules"][key])
         for key, ema in emas.items():
@@ -85,6 +102,7 @@ def run(
         _save_atomic(
             {
                 "step": step,
+                "recipe": recipe,
                 "modules": {k: m.state_dict() for k, m in modules.items()},
                 "emas": {k: e.shadow.state_dict() for k, e in emas.items()},
                 "optimizer": optimizer.state_dict(),

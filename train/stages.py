@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -280,13 +280,15 @@ def train_denoiser(family: str, size: TrainSize, state_dir: Path, vae: Autoencod
                         pooled_projections=pooled).sample
         return F.mse_loss(pred, noise - latents)
 
+    recipe = {k: v for k, v in asdict(hyper).items() if k != "steps"}
+    recipe["mislabel_attributes"] = list(hyper.mislabel_attributes)
     done = loop.run(f"{family}-denoiser", state_dir / f"{family}-denoiser.pt", modules, optimizer, step_fn,
-                    hyper.steps, emas=emas, **run_kwargs)
+                    hyper.steps, emas=emas, recipe=recipe, **run_kwargs)
     return {k: e.shadow for k, e in emas.items()}, tokenizers, done
 
 
 # The hybrid knobs that suit each trained model, written into its serving_defaults.json on export (how they were
-# chosen: docs/training.md, "The modes on the trained model"). A family without an entry keeps the family's knobs.
+# chosen: docs/training.md, "What ships"). A family without an entry keeps the family's knobs.
 TRAINED_KNOBS: dict[str, dict[str, float]] = {
     "sdxl": {"slope_window": 8, "eps_slope": 1.5e-3, "tau_cap": 20},
     "sd3": {"slope_window": 8, "eps_slope": 1.5e-2, "tau_cap": 25},
