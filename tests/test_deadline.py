@@ -158,6 +158,19 @@ def test_costs_are_learned_from_steps_as_moving_averages():
     assert costs.batch_gain == pytest.approx(2 * 0.8 / 1.2)
 
 
+def test_the_cost_of_sharing_a_device_is_learned_as_it_happens():
+    """Two requests stepping in alternation rarely meet in the batcher's queue: each step then waits for the
+    other's, and sharing costs twice the device time, whatever a merged pass would have cost."""
+    estimate: dict[str, float] = {}
+    learn(estimate, StepSample("serial", 1, wall_s=1.0, compute_s=0.8))
+    learn(estimate, StepSample("serial", 2, wall_s=1.3, compute_s=1.2), alone=False)  # one merged pass
+    assert costs_from(estimate).batch_gain == pytest.approx(2 * 0.8 / 1.2)  # only the merged pass known
+    learn(estimate, StepSample("serial", 1, wall_s=2.0, compute_s=0.8), alone=False, pair=True)  # in turn
+    costs = costs_from(estimate)
+    assert costs.batch_gain == pytest.approx(1.0) and costs.overlap_cost == pytest.approx(1.0)
+    assert costs.step_s == pytest.approx(1.0)  # a shared step is not a step alone
+
+
 def test_learned_ratios_are_kept_in_their_range():
     costs = costs_from({"serial": 1.0, "split": 2.0, "serial_compute": 1.0, "pair_compute": 0.5})
     assert costs.parallel_speedup == 1.0 and costs.batch_gain == 2.0

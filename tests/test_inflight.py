@@ -163,6 +163,23 @@ def test_a_step_that_shared_its_device_teaches_no_solo_wall_time(tmp_path):
         with board.occupy(lambda snapshot: (None, (1,)), Job(20, "k")) as elsewhere:
             elsewhere.progress(19, False, StepSample("serial", 1, wall_s=0.6, compute_s=0.4))
     assert board.snapshot().costs["k"]["serial"] == pytest.approx(0.8 * 0.5 + 0.2 * 0.6)
+    assert board.snapshot().costs["k"]["serial_pair"] == pytest.approx(0.9)  # what sharing with one cost
+
+
+def test_only_a_device_shared_with_one_request_of_the_same_size_teaches_the_pair_cost(tmp_path):
+    from hybridiff.deadline import StepSample
+    from hybridiff.inflight import Job
+
+    board = InFlightBoard(tmp_path / "board.json", 2)
+    step = StepSample("serial", 1, wall_s=0.9, compute_s=0.4)
+    with board.occupy(lambda snapshot: (None, (0,)), Job(20, "k")) as first:
+        with board.occupy(lambda snapshot: (None, (0,)), Job(20, "other size")) as foreign:
+            first.progress(19, False, step)
+            with board.occupy(lambda snapshot: (None, (0,)), Job(20, "k")) as third:
+                third.progress(19, False, step)  # two neighbours
+            foreign.progress(19, False, step)
+    assert "serial_pair" not in board.snapshot().costs["k"]
+    assert "serial_pair" not in board.snapshot().costs["other size"]
 
 
 def test_a_board_without_costs_is_read_and_a_broken_cost_table_resets(tmp_path):

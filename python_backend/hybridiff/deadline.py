@@ -68,20 +68,25 @@ class StepSample:
     compute_s: float  # the longest device compute of the step
 
 
-def learn(estimate: dict[str, float], sample: StepSample, alone: bool = True, alpha: float = EWMA_ALPHA) -> None:
+def learn(estimate: dict[str, float], sample: StepSample, alone: bool = True, alpha: float = EWMA_ALPHA,
+          pair: bool = False) -> None:
     """Fold one step into a cost key's averages (in place).
 
     ``serial`` and ``split``: wall seconds of steps that ran ``alone`` (no other request on the step's
-    devices: what a request's latency is made of without neighbours, whom the overlap model adds; a
-    neighbour whose pass the batcher did not merge would have the step wait for it); ``serial_compute``
-    and ``pair_compute``: device seconds of a serial pass alone and shared by two requests, whose ratio
-    is the batching gain. Steps shared by more than two are not learned.
+    devices: what a request's latency is made of without neighbours, whom the overlap model adds).
+    ``serial_pair``: wall seconds of a serial step whose device one other request of this size shared
+    (``pair``): what sharing costs as it happens, whether the batcher merged the two passes or the device
+    ran them in turn (two requests stepping in alternation rarely meet in its queue). ``serial_compute``
+    and ``pair_compute``: device seconds of a serial pass alone and of one merged pass of two, the batching
+    gain when it happens; used until ``serial_pair`` is measured. Steps shared by more are not learned.
     """
 
     def fold(name: str, value: float) -> None:
         old = estimate.get(name)
         estimate[name] = value if old is None else (1 - alpha) * old + alpha * value
 
+    if sample.kind == "serial" and pair:
+        fold("serial_pair", sample.wall_s)
     if sample.kind == "serial" and sample.batched <= 1:
         if alone:
             fold("serial", sample.wall_s)
@@ -99,7 +104,9 @@ def costs_from(estimate: Mapping[str, float] | None) -> Costs | None:
     serial = estimate["serial"]
     speedup = serial / estimate["split"] if estimate.get("split") else DEFAULT_PARALLEL_SPEEDUP
     gain = DEFAULT_BATCH_GAIN
-    if estimate.get("pair_compute") and estimate.get("serial_compute"):
+    if estimate.get("serial_pair"):  # two requests' steps on one device took this long each, as it happened
+        gain = 2.0 * serial / estimate["serial_pair"]
+    elif estimate.get("pair_compute") and estimate.get("serial_compute"):
         gain = 2.0 * estimate["serial_compute"] / estimate["pair_compute"]
     return Costs(serial, min(max(speedup, 1.0), 2.0), min(max(gain, 1.0), 2.0))
 

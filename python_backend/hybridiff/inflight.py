@@ -278,8 +278,9 @@ class InFlightBoard:
             entry["steps_left"], entry["may_yield"] = steps_left, may_yield
             if sample is not None and entry.get("cost_key"):
                 mine = set(entry["devices"])
-                alone = not any(mine & set(other["devices"]) for k, other in state.entries.items() if k != key)
-                learn(state.costs.setdefault(entry["cost_key"], {}), sample, alone)
+                others = [o for k, o in state.entries.items() if k != key and mine & set(o["devices"])]
+                pair = len(mine) == 1 and len(others) == 1 and others[0].get("cost_key") == entry["cost_key"]
+                learn(state.costs.setdefault(entry["cost_key"], {}), sample, not others, pair=pair)
 
     def mark_down(self, device: int) -> list[bool]:
         """Record that ``device`` failed; returns which devices are up now."""
