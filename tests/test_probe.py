@@ -52,6 +52,7 @@ class FakeServer:
         self.unready: set[str] = set()
         self.stats_status = 200
         self.requests: list[dict] = []
+        self.infer_error: tuple[int, dict] | None = None  # (status, body) the infer call answers instead
 
     def answer(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
         if path in ("/v2/health/live", "/v2/health/ready"):
@@ -76,6 +77,8 @@ class FakeServer:
             return 200, {}
         if path == "/v2/models/fam/infer" and method == "POST":
             self.requests.append(json.loads(body))
+            if self.infer_error is not None:
+                return self.infer_error
             data = [json.dumps(self.schedule)]
             return 200, {"outputs": [{"name": "SCHEDULE", "datatype": "BYTES", "shape": [1], "data": data}]}
         return 404, {"error": f"unknown {method} {path}"}
@@ -139,6 +142,20 @@ def test_probe_fails_on_a_failover(fake, capsys) -> None:
     state.schedule = {"mode_run": "cfg_parallel", "failover": [{"step": 0, "from_device": 1, "to_device": 0}]}
     assert probe.main(["--url", url, "--timeout", "5"]) == 1
     assert "failed over" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", ["server full: every device already runs 2 requests; retry later",
+                                   "Exceeds maximum queue size"])
+def test_a_probe_refused_for_load_passes_as_busy(fake, capsys, error) -> None:
+    """A full server is busy, not broken: its liveness probe must not restart it, nor readiness drop it."""
+    state, url = fake
+    state.infer_error = (503, {"error": error})
+    assert probe.main(["--url", url, "--timeout", "5"]) == 0
+    out = capsys.readouterr()
+    assert "1 refused for load" in out.out
+    assert f"probe busy: fam: /v2/models/fam/infer: refused for load: {error}" in out.err
+    state.infer_error = (503, {"error": "Stub process 'fam_orchestrator_0_0' is not healthy"})  # 503, not full
+    assert probe.main(["--url", url, "--timeout", "5"]) == 1
 
 
 @pytest.mark.parametrize("model", ["fam_denoiser_1", "fam_vae", "fam_orchestrator", "fam"])

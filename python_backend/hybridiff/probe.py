@@ -30,6 +30,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .admission import FULL
 from .readiness import http_ready, not_ready
 
 # Limits.min_size, a multiple of every family's size step (8 for SDXL, 16 for SD3); a test keeps it so.
@@ -40,6 +41,14 @@ PROBE_PROMPT = "probe"
 
 class ProbeError(RuntimeError):
     """One part of the server failed; the message says which and how."""
+
+
+class ServerFull(ProbeError):
+    """The server refused the probe's request for load (503 "server full" or Triton's full queue)."""
+
+
+# How a refusal for load reads: the orchestrator's admission, and Triton's bounded queue.
+FULL_TEXTS = (FULL, "Exceeds maximum queue size")
 
 
 def probe_request() -> dict[str, Any]:
@@ -114,6 +123,8 @@ class Probe:
 
     def _json(self, path: str, body: dict[str, Any] | None = None) -> Any:
         status, payload = self._call(path, body)
+        if status == 503 and any(text in _error_text(payload) for text in FULL_TEXTS):
+            raise ServerFull(f"{path}: refused for load: {_error_text(payload)}")
         if status != 200:
             raise ProbeError(f"{path}: HTTP {status}: {_error_text(payload)}")
         return json.loads(payload)
@@ -153,8 +164,13 @@ def configured_families(env: Mapping[str, str] = os.environ) -> list[str]:
     return [item.split("=", 1)[0].strip() for item in items]
 
 
-def run_probe(url: str, families: Sequence[str] = (), timeout: float = 60.0) -> list[str]:
-    """Every problem found, one line each (empty: the server can serve every family)."""
+def run_probe(url: str, families: Sequence[str] = (), timeout: float = 60.0,
+              busy: list[str] | None = None) -> list[str]:
+    """Every problem found, one line each (empty: the server can serve every family).
+
+    A family whose public model refuses the probe's request because the server is full (its admission,
+    or Triton's bounded queue) is busy, not broken: it goes to ``busy``, not to the problems, so that an
+    overloaded pod is neither restarted by its liveness probe nor taken out of its Service."""
     probe = Probe(url, timeout)
     try:
         probe.ready("/v2/health/live")
@@ -172,6 +188,9 @@ def run_probe(url: str, families: Sequence[str] = (), timeout: float = 60.0) -> 
             if down:
                 raise ProbeError(f"{family}: not ready: {', '.join(down)}")
             problems += schedule_problems(family, probe.generate(family))
+        except ServerFull as err:
+            if busy is not None:
+                busy.append(f"{family}: {err}")
         except ProbeError as err:
             problems.append(f"{family}: {err}" if not str(err).startswith(family) else str(err))
     return problems
@@ -189,13 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.monotonic()
-    problems = run_probe(args.url, args.family, args.timeout)
+    busy: list[str] = []
+    problems = run_probe(args.url, args.family, args.timeout, busy)
     elapsed = time.monotonic() - start
     if problems:
         for line in problems:
             print(f"probe FAILED: {line}", file=sys.stderr)
         return 1
-    print(f"probe ok: every model ready, one {PROBE_MODE} image per family, {elapsed:.2f} s")
+    for line in busy:
+        print(f"probe busy: {line}", file=sys.stderr)
+    print(f"probe ok: every model ready, one {PROBE_MODE} image per family ({len(busy)} refused for load), "
+          f"{elapsed:.2f} s")
     return 0
 
 
