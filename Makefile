@@ -36,7 +36,7 @@ FAMILY ?= sdxl
 PROMPT ?= a red circle on the left
 OUT ?= out/image.png
 # Admission (docs/overload.md): requests that may wait per family, their start deadline, the orchestrator gate.
-QUEUE_SIZE ?= 2
+QUEUE_SIZE ?= 4
 START_TIMEOUT_US ?= 60000000
 MAX_PER_DEVICE ?= 0
 # 1: refuse at once a request that cannot finish within its timeout on the current load (docs/overload.md).

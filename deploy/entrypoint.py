@@ -20,7 +20,7 @@ variable                                  default                     meaning
 ``HYBRIDIFF_MAX_STEPS``                   generator default (200)     most steps accepted
 ``HYBRIDIFF_ORCHESTRATOR_INSTANCES``      generator default (4)       requests in flight per family
 ``HYBRIDIFF_BATCH_DELAY_US``              generator default (0)       denoiser dynamic-batching delay
-``HYBRIDIFF_QUEUE_SIZE``                  generator default (2)       requests that may wait per family
+``HYBRIDIFF_QUEUE_SIZE``                  generator default (4)       requests that may wait per family
 ``HYBRIDIFF_START_TIMEOUT_US``            generator default (60 s)    a waiting request is refused after this
 ``HYBRIDIFF_MAX_PER_DEVICE``              generator default (0: off)  orchestrator gate
 ``HYBRIDIFF_ADMIT_BY_DEADLINE``           generator default (1: on)   refuse what cannot finish in its timeout

@@ -35,7 +35,7 @@ class QueueLimits:
     (``deadline.refusal``).
     """
 
-    queue_size: int = 2
+    queue_size: int = 4
     start_timeout_us: int = 60_000_000
     max_per_device: int = 0
     admit_by_deadline: bool = True
