@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 FULL = "server full"  # every refusal starts with this, so clients and logs can tell it from an error
+# What Triton itself answers when a model's bounded queue is full (UNAVAILABLE).
+TRITON_QUEUE_FULL = "Exceeds maximum queue size"
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,7 @@ def choose(
     if not candidates:
         raise NoDeviceLeft(f"all {num_devices} devices are down")
     own_s = steps * costs.step_s
-    split_step_s = costs.step_s / costs.parallel_speedup
+    split_step_s = costs.seconds(1, 2)
     yielding = [r for r in running if yields(r, costs)]
 
     def neighbours(device: int, alone_here: bool) -> list[Neighbour]:
@@ -283,7 +283,7 @@ def choose(
         return min(serial_s, wait + overlap_latency(left / costs.parallel_speedup, after, costs, split_step_s))
 
     def option(mode: Mode, devices: tuple[int, ...], work_s: float, alone_here: bool) -> Choice:
-        step_s = costs.step_s if len(devices) == 1 else split_step_s
+        step_s = costs.seconds(1, len(devices))
         predicted = max(overlap_latency(work_s, neighbours(d, alone_here), costs, step_s) for d in devices)
         if mode is Mode.SERIAL:
             predicted = grown_latency(devices[0], predicted)
@@ -317,7 +317,7 @@ def predict(placement: Placement, steps: int, deadline_s: float | None, running:
     """The latency of an explicit placement on this load, and whether it meets ``deadline_s`` as :func:`choose`
     counts it (its own deadline, and no running request pushed past its own)."""
     devices = placement.devices
-    step_s = costs.step_s / costs.parallel_speedup if len(devices) == 2 else costs.step_s
+    step_s = costs.seconds(1, len(devices))
     work_s = steps * step_s
     predicted = max(
         overlap_latency(work_s, [r.as_neighbour(cost_key) for r in running if d in r.devices], costs, step_s)

@@ -30,7 +30,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .admission import FULL
+from .admission import FULL, TRITON_QUEUE_FULL
 from .readiness import http_ready, not_ready
 
 # Limits.min_size, a multiple of every family's size step (8 for SDXL, 16 for SD3); a test keeps it so.
@@ -48,7 +48,7 @@ class ServerFull(ProbeError):
 
 
 # How a refusal for load reads: the orchestrator's admission, and Triton's bounded queue.
-FULL_TEXTS = (FULL, "Exceeds maximum queue size")
+FULL_TEXTS = (FULL, TRITON_QUEUE_FULL)
 
 
 def probe_request() -> dict[str, Any]:

@@ -22,10 +22,12 @@ import re
 import time
 from collections.abc import Callable
 
+from ..admission import TRITON_QUEUE_FULL
+
 CODES = ("UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED", "ALREADY_EXISTS", "CANCELLED")
 _CODED = re.compile(r"\[(" + "|".join(CODES) + r")\] ")
 # Triton's own errors that BLS hands on as INTERNAL although the server answers them UNAVAILABLE.
-_TRITON_UNAVAILABLE = ("Exceeds maximum queue size", "Request timeout expired")
+_TRITON_UNAVAILABLE = (TRITON_QUEUE_FULL, "Request timeout expired")
 
 # What Triton answers when a model's process is gone or its model is (re)loading, as opposed to
 # an error in the request: "Stub process '<model>_0_0' is not healthy.", "Request for unknown
