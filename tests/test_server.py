@@ -197,10 +197,23 @@ def test_auto_is_the_default_and_runs_hybrid_when_alone(server):
 
 
 def test_auto_under_load_runs_serial_on_the_least_busy_device_with_the_solo_image(server):
-    # tau_cap 20: the others must be placed before the first run's pipeline phase, and placing them takes
-    # a text-encoder pass and the admission and input checks each; 3 steps of a tiny model were a race.
-    long = {"steps": 40, **HYBRID_KNOBS, "tau_cap": 20}
-    results = _concurrent(server, [dict(long, seed=s) for s in (11, 12, 13)])
+    """The first request finds both devices idle and runs hybrid; two more arrive while it partitions, and
+    it goes on serially on one device."""
+    from client.generate import start_generate
+
+    # The others are sent once the first is on the board, and its pipeline phase is far off (the slope
+    # test fires at step 30 of 64 for these seeds): placing them takes a text-encoder pass and the
+    # admission and input checks each, which on a loaded machine (CI) once took longer than 20 steps.
+    long = {**BASE, "steps": 64, **HYBRID_KNOBS, "tau_cap": 56}
+    board = _board(server)
+    client = make_client("grpc", server.grpc_url)
+    try:
+        pending = [start_generate(client, "sdxl", [PROMPT], **{**long, "seed": 11})]
+        _wait_for_jobs(board, 1)
+        pending += [start_generate(client, "sdxl", [PROMPT], **{**long, "seed": s}) for s in (12, 13)]
+        results = [p.result(300) for p in pending]
+    finally:
+        client.close()
     schedules = [r.schedules[0] for r in results]
     first = [s for s in schedules if s["loads_seen"] == [0, 0]]
     assert len(first) == 1, schedules  # the first to arrive found both devices idle: placed hybrid ...
@@ -222,7 +235,7 @@ def test_auto_under_load_runs_serial_on_the_least_busy_device_with_the_solo_imag
             assert schedule["serial_from_step"] is None or min(grew_at, default=99) < schedule["serial_from_step"]
             if schedule["placed_by"] == "count" and not schedule["grew"]:  # else: test_auto_places_by_remaining_work
                 assert schedule["devices"] == [min(range(2), key=lambda d: (schedule["loads_seen"][d], d))]
-        solo = call(server, "http", **long, seed=schedule["seed"], mode="serial").images[0]
+        solo = call(server, "http", **{**long, "seed": schedule["seed"], "mode": "serial"}).images[0]
         assert max_pixel_diff(result.images[0], solo) <= 1
 
 
