@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -57,3 +59,23 @@ def wait_for(condition, timeout_s: float, poll_s: float = 0.1) -> bool:
             return True
         time.sleep(poll_s)
     return condition()
+
+
+def in_parallel(calls: Sequence[Callable[[], object]], timeout_s: float = 300.0) -> list:
+    """Run every call in its own thread at once; their results in order. Raises if any call raised."""
+    results: list = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            results[i] = calls[i]()
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout_s)
+    assert not errors, errors
+    return results

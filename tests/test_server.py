@@ -3,7 +3,6 @@ bad input. One server for the module (it takes a few seconds to load every model
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 from client.generate import generate, make_client
 from export.make_repository import Deployment, write_repository
 from hybridiff.params import Limits
-from tests.helpers import max_pixel_diff
+from tests.helpers import in_parallel, max_pixel_diff
 from tools.triton_process import TritonServer
 
 pytestmark = pytest.mark.server
@@ -95,24 +94,9 @@ def test_hybrid_k0_equals_cfg_parallel(server):
 
 def test_concurrent_requests_in_different_modes_equal_their_solo_runs(server, serial_image):
     solo_hybrid = call(server, "http", mode="hybrid", **HYBRID_KNOBS).images[0]
-    results: dict[str, np.ndarray] = {}
-    errors: list[BaseException] = []
-
-    def run(name: str, protocol: str, **fields) -> None:
-        try:
-            results[name] = call(server, protocol, **fields).images[0]
-        except BaseException as err:  # surfaced below
-            errors.append(err)
-
-    threads = [
-        threading.Thread(target=run, args=("serial", "grpc"), kwargs={"mode": "serial"}),
-        threading.Thread(target=run, args=("hybrid", "http"), kwargs={"mode": "hybrid", **HYBRID_KNOBS}),
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not errors, errors
+    served, hybrid = in_parallel([lambda: call(server, "grpc", mode="serial"),
+                                  lambda: call(server, "http", mode="hybrid", **HYBRID_KNOBS)])
+    results = {"serial": served.images[0], "hybrid": hybrid.images[0]}
     # <= 1 rather than equal: passes that meet on a device may be batched together.
     assert max_pixel_diff(results["serial"], serial_image) <= 1
     assert max_pixel_diff(results["hybrid"], solo_hybrid) <= 1
@@ -168,25 +152,6 @@ def test_a_batch_of_prompts_gets_one_image_and_schedule_each(server):
     assert result.images.shape == (2, 64, 64, 3)
     assert [s["seed"] for s in result.schedules] == [3, 4]
     assert not np.array_equal(result.images[0], result.images[1])
-
-
-def _concurrent(server, calls: list[dict]) -> list:
-    results: list = [None] * len(calls)
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            results[i] = call(server, "grpc" if i % 2 else "http", **calls[i])
-        except BaseException as err:  # surfaced below
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not errors, errors
-    return results
 
 
 def test_auto_is_the_default_and_runs_hybrid_when_alone(server):
@@ -284,7 +249,17 @@ def test_auto_places_by_remaining_work_and_carries_its_timeout_as_deadline(serve
 
 
 def test_concurrent_serial_requests_spread_over_the_devices(server):
-    results = _concurrent(server, [{"mode": "serial", "steps": 40, "seed": s} for s in (21, 22)])
+    from client.generate import start_generate
+
+    board = _board(server)
+    client = make_client("grpc", server.grpc_url)
+    try:  # the second is sent while the first runs (on the board), not by the luck of two threads
+        first = start_generate(client, "sdxl", [PROMPT], **{**BASE, "mode": "serial", "steps": 40, "seed": 21})
+        _wait_for_jobs(board, 1)
+        second = start_generate(client, "sdxl", [PROMPT], **{**BASE, "mode": "serial", "steps": 40, "seed": 22})
+        results = [first.result(300), second.result(300)]
+    finally:
+        client.close()
     devices = sorted(r.schedules[0]["devices"][0] for r in results)
     assert devices == [0, 1]
 

@@ -6,7 +6,6 @@ delay they meet only by chance), and a batching delay that also catches steps ar
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import pytest
 from client.generate import generate, make_client
 from export.make_repository import Deployment, write_repository
 from hybridiff.params import Limits
-from tests.helpers import max_pixel_diff
+from tests.helpers import in_parallel, max_pixel_diff
 from tools.triton_process import TritonServer
 
 pytestmark = pytest.mark.server
@@ -46,21 +45,7 @@ def call(server, protocol: str, seed: int):
 
 def test_serial_requests_meeting_on_a_device_are_batched_and_keep_their_images(server):
     seeds = [30 + i for i in range(INSTANCES)]
-    results: list = [None] * len(seeds)
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            results[i] = call(server, "grpc" if i % 2 else "http", seeds[i])
-        except BaseException as err:  # surfaced below
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(seeds))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not errors, errors
+    results = in_parallel([lambda i=i: call(server, "grpc" if i % 2 else "http", seeds[i]) for i in range(len(seeds))])
     schedules = [r.schedules[0] for r in results]
     assert all(s["devices"] == [0] for s in schedules), schedules
     assert sum(s["batched_steps"] for s in schedules) > 0, schedules
