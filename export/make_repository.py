@@ -30,7 +30,7 @@ class Deployment:
 
     devices: int = 2
     kind: str = "cpu"  # "cpu" or "gpu"
-    # Instances of the public front and of the orchestrator (a process each): requests in flight per family.
+    # Orchestrator instances (a process each): requests in flight per family (the front has queue_size more).
     orchestrator_instances: int = 4
     max_device_batch: int = 8  # samples one denoiser forward may hold when requests meet on a device
     # How long a device waits for more requests before a forward. 0 batches only what queued while
@@ -172,20 +172,33 @@ def family_models(family: FamilyWire, checkpoint: str, deployment: Deployment) -
             orchestrator,
             _tensors([*request_inputs, wire.REQUEST_KEY], deployment),
             _tensors(wire.RESPONSE_OUTPUTS, deployment),
-            _queue_policy(held) + instances + _parameters(orchestrator_params),
+            _queue_policy(held + queues.queue_size) + instances + _parameters(orchestrator_params),
         ),
         "orchestrator",
     )
-    # The public front: where requests wait (the public queue policy and start deadline), as many instances as
-    # the orchestrator, so that each request it holds has an orchestrator instance to run on.
+    # The public front: it holds the requests running and ``queue_size`` more, pricing each on arrival (admission
+    # by deadline) and refusing at once beyond that count; ``queue_size`` spare instances take the arrivals
+    # that find it full, so that they are refused at once too instead of waiting in Triton's queue for an
+    # instance. Triton's queue on the front (as long as its instances: a burst is enqueued before idle
+    # instances take it) carries the public start deadline.
+    bounded = queues.queue_size > 0
+    front_instances = deployment.orchestrator_instances + (2 * queues.queue_size if bounded else 0)
+    front_params = {
+        **common,
+        "orchestrator": orchestrator,
+        "orchestrator_instances": str(deployment.orchestrator_instances),
+        "queue_size": str(queues.queue_size),
+        "devices": str(deployment.devices),
+        "admit_by_deadline": "1" if queues.admit_by_deadline else "0",
+    }
     models[name] = (
         _config(
             name,
             _tensors(request_inputs, deployment),
             _tensors(wire.RESPONSE_OUTPUTS, deployment),
-            _queue_policy(queues.queue_size, queues.start_timeout_us)
-            + instances
-            + _parameters({"family": name, "orchestrator": orchestrator}),
+            _queue_policy(front_instances if bounded else 0, queues.start_timeout_us)
+            + _instances(deployment, 0, front_instances, cpu_only=True)
+            + _parameters(front_params),
         ),
         "front",
     )

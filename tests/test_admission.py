@@ -90,10 +90,15 @@ def test_public_path_models_carry_a_bounded_queue_and_only_the_public_model_a_st
     deployment = Deployment(orchestrator_instances=4, queues=QueueLimits(queue_size=3, start_timeout_us=7_000_000))
     found = configs(deployment)
     public = found["sdxl"]
-    assert "max_queue_size: 3 default_timeout_microseconds: 7000000 timeout_action: REJECT" in public
+    # The front holds the 4 running requests and the 3 that may wait (each priced on arrival), with 3 spare
+    # instances to refuse the arrivals beyond at once, and a Triton queue as long for bursts.
+    assert "instance_group [ { count: 10 kind: KIND_CPU } ]" in public
+    assert 'key: "queue_size" value: { string_value: "3" }' in public
+    assert "max_queue_size: 10 default_timeout_microseconds: 7000000 timeout_action: REJECT" in public
     assert "allow_timeout_override: true" in public
-    # Only the 4 running public requests call the orchestrator, the encoder and the VAE, one call each at a time.
-    for name in ("sdxl_orchestrator", "sdxl_text_encoder", "sdxl_vae"):
+    # The 7 it holds call the orchestrator, whose 4 instances call the encoder and the VAE.
+    assert "max_queue_size: 7 default_timeout_microseconds: 0 timeout_action: REJECT" in found["sdxl_orchestrator"]
+    for name in ("sdxl_text_encoder", "sdxl_vae"):
         assert "max_queue_size: 4 default_timeout_microseconds: 0 timeout_action: REJECT" in found[name]
     assert "queue_policy" not in found["sdxl_denoiser_0"]  # internal: a refusal there would waste a request
     assert 'key: "start_timeout_us" value: { string_value: "7000000" }' in found["sdxl_orchestrator"]  # its gate

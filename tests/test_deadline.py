@@ -9,6 +9,7 @@ from hybridiff.deadline import (
     Costs,
     Running,
     StepSample,
+    arrival_refusal,
     choose,
     costs_from,
     grow_device,
@@ -335,3 +336,29 @@ def test_a_neighbour_of_another_size_is_priced_by_alternating_steps_not_by_batch
     tight = Running((0,), 2 * 0.4, deadline_s=1.0, cost_key="sdxl:256x256", step_s=0.4)
     assert pushes_late((0,), 4.0, [tight], COSTS, cost_key="sdxl:64x64", own_step_s=0.1) == [tight]
     assert pushes_late((0,), 4.0, [tight], COSTS) == [tight]  # priced by batching: 0.8 + 0.8 / 3
+
+
+def test_a_request_that_would_wait_is_refused_on_arrival_only_if_it_could_not_finish_even_at_the_earliest():
+    costs = Costs(step_s=0.1, batch_gain=1.5)  # 20 steps: 2 s alone
+    running = [Running((0,), 1.5), Running((1,), 1.5), Running((0,), 0.5), Running((1,), 0.5)]
+    # Four running, two waiting (2 s each): 8 device-seconds ahead, worked off by two devices at 1.5x,
+    # then its own 2 s: 4.67 s at the earliest.
+    assert arrival_refusal(2.0, 4.6, running, [2.0, 2.0], costs, num_up=2, slots=4) is not None
+    assert arrival_refusal(2.0, 4.7, running, [2.0, 2.0], costs, num_up=2, slots=4) is None
+    refused = arrival_refusal(2.0, 3.0, running, [2.0, 2.0], costs, num_up=2, slots=4)
+    assert refused.startswith("server full") and "6 requests" in refused and "4.67 s at the earliest" in refused
+    # A split run's remaining work counts on both of its devices: (2 x 3 + 3.5) / 3 + 2 = 5.17 s.
+    with_split = [Running((0, 1), 3.0), *running[:3]]
+    assert arrival_refusal(2.0, 5.1, with_split, [], costs, num_up=2, slots=4) is not None
+    assert arrival_refusal(2.0, 5.2, with_split, [], costs, num_up=2, slots=4) is None
+    # One device down: the same work ahead takes twice as long.
+    assert arrival_refusal(2.0, 4.7, running, [2.0, 2.0], costs, num_up=1, slots=4) is not None
+    # One slot, held by a run with 1.5 s left: however idle the other device, it starts after that run.
+    assert arrival_refusal(2.0, 3.4, running[:1], [], costs, num_up=2, slots=1) is not None
+    assert arrival_refusal(2.0, 3.6, running[:1], [], costs, num_up=2, slots=1) is None
+    # Behind one waiting request with two slots held: it needs two to finish, the later at 1.5 s.
+    assert arrival_refusal(2.0, 3.4, running[1:3], [2.0], costs, num_up=2, slots=2) is not None
+    # An orchestrator instance is free: placement prices it a moment later, so nothing is refused here;
+    # nor without a deadline.
+    assert arrival_refusal(2.0, 0.1, running[:3], [], costs, num_up=2, slots=4) is None
+    assert arrival_refusal(2.0, None, running, [2.0, 2.0], costs, num_up=2, slots=4) is None

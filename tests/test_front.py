@@ -103,6 +103,7 @@ def fake_pb(orchestrator: Orchestrator):
         InferenceRequest
     pb.TritonModelException = type("TritonModelException", (Exception,), {})
     pb.get_output_tensor_by_name = lambda reply, name: reply.tensors.get(name)
+    pb.get_input_tensor_by_name = lambda request, name: next((t for t in request.inputs() if t.name() == name), None)
     pb.Logger = types.SimpleNamespace(log_warn=lambda m: None, log_info=lambda m: None)
     return pb
 
@@ -133,14 +134,22 @@ def served(seed: int = 0) -> Reply:
 
 
 def run_front(monkeypatch, script, request: ClientRequest, wait_s: float = 0.5):
-    """One request through the front; its response and the orchestrator's calls."""
+    """One request through the front (its board in a temp folder); its response and the orchestrator's calls."""
+    import tempfile
+
+    import hybridiff.triton.front as front
+
     orchestrator = Orchestrator(script)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb(orchestrator))
-    from hybridiff.triton.front import TritonPythonModel
-
-    model = TritonPythonModel()
-    config = {"parameters": {"family": {"string_value": "sdxl"}, "orchestrator": {"string_value": ORCHESTRATOR}}}
-    model.initialize({"model_config": json.dumps(config)})
+    folder = Path(tempfile.mkdtemp(prefix="front-"))
+    (folder / "ckpt").mkdir()
+    (folder / "ckpt" / "model_index.json").write_text("{}")
+    monkeypatch.setattr(front, "default_board_path", lambda: folder / "board.json")
+    model = front.TritonPythonModel()
+    params = {"family": "sdxl", "orchestrator": ORCHESTRATOR, "checkpoint": str(folder / "ckpt"), "devices": "2",
+              "orchestrator_instances": "4"}
+    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
+    model.initialize({"model_config": json.dumps(config), "model_repository": str(folder / "repo" / "sdxl")})
     model.outage = OutagePolicy(first_delay_s=0.01, max_delay_s=0.02, default_wait_s=wait_s)
     [response] = asyncio.run(model.execute([request]))
     return response, orchestrator.calls
@@ -248,10 +257,14 @@ def test_a_cancel_ends_the_wait_for_a_gone_orchestrator(monkeypatch):
     assert time.monotonic() - started < 1.0
 
 
-def test_the_front_loads_without_torch():
+def test_the_front_loads_and_parses_a_request_without_torch():
+    """Torch would cost every front instance seconds on its first request (measured: a burst's refusals
+    took 2-3 s instead of milliseconds) and its memory for as long as it runs."""
     code = (
         "import sys, types; sys.modules['triton_python_backend_utils'] = types.ModuleType('pb'); "
-        "import hybridiff.triton.front; assert 'torch' not in sys.modules, 'torch imported'"
+        "import numpy as np; import hybridiff.triton.front as front; "
+        "front.parse_image_requests({'STEPS': np.array([4])}, front.FAMILIES['sdxl'].defaults, front.Limits(), 1); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python_backend"), str(REPO)])}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env)

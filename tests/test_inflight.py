@@ -189,3 +189,32 @@ def test_a_board_without_costs_is_read_and_a_broken_cost_table_resets(tmp_path):
     assert board.snapshot().costs == {} and board.loads() == [0, 0]
     path.write_text('{"entries": {}, "down": {}, "costs": {"k": 3}}')
     assert board.snapshot().costs == {}
+
+
+def test_a_waiting_request_holds_no_device_until_its_orchestrator_takes_its_entry_over(tmp_path):
+    from hybridiff.deadline import running_from, waiting_from
+    from hybridiff.inflight import Job
+
+    clock = lambda: 100.0  # noqa: E731
+    board = InFlightBoard(tmp_path / "board.json", 2, clock=clock)
+    key = "a" * 32
+    costs = {"sdxl:64x64": {"serial": 0.5}}
+    assert board.enter_waiting(key, Job(steps_left=20, cost_key="sdxl:64x64", deadline=104.0), limit=2) is None
+    seen = board.snapshot()
+    assert seen.loads == [0, 0] and board.waited_deadline(key) == 104.0
+    assert waiting_from(seen.jobs, costs) == [pytest.approx(10.0)]  # its whole run, serially
+    assert running_from(seen.jobs, costs, seen.now) == {}  # and it runs nowhere yet
+    with board.occupy(lambda snapshot: ("serial", (1,)), Job(20, "sdxl:64x64", 104.0), key) as placed:
+        seen = board.snapshot()
+        assert list(seen.jobs) == [placed.key] and seen.loads == [0, 1]  # one entry: the running one
+        assert board.waited_deadline(key) is None
+        # The limit counts the family's requests, running and waiting: one more sdxl fits, an sd3 one too.
+        assert board.enter_waiting("b" * 32, Job(20, "sdxl:64x64"), limit=2) is None
+        assert board.enter_waiting("c" * 32, Job(20, "sdxl:64x64"), limit=2) == 2
+        assert board.enter_waiting("d" * 32, Job(20, "sd3:64x64"), limit=2) is None
+        assert waiting_from(board.snapshot().jobs, {}) is None  # a size with no estimate: no numbers
+        for other in ("b", "c", "d"):
+            board.leave_waiting(other * 32)
+        board.leave_waiting(key)  # taken over already: nothing to remove
+        assert list(board.snapshot().jobs) == [placed.key]
+    assert board.snapshot().jobs == {}

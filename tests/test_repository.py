@@ -46,14 +46,19 @@ def test_the_public_model_is_a_front_handing_requests_to_the_bls_orchestrator(tm
     public, orchestrator = read(repo, "sdxl"), read(repo, "sdxl_orchestrator")
     assert 'backend: "python"' in public and "ensemble" not in public
     assert "hybridiff.triton.front import TritonPythonModel" in read(repo, "sdxl", "1/model.py")
-    assert _parameters(public) == {"family": "sdxl", "orchestrator": "sdxl_orchestrator"}  # nothing else to know
+    # What it needs to price a request on arrival: the checkpoint's defaults, the limits, the slots and devices.
+    front = _parameters(public)
+    assert (front["family"], front["orchestrator"], front["checkpoint"]) == ("sdxl", "sdxl_orchestrator", "../ckpt")
+    assert (front["orchestrator_instances"], front["devices"], front["admit_by_deadline"]) == ("3", "2", "1")
     assert "hybridiff.triton.orchestrator import TritonPythonModel" in read(repo, "sdxl_orchestrator", "1/model.py")
     params = _parameters(orchestrator)
     assert (params["text_encoder"], params["vae"]) == ("sdxl_text_encoder", "sdxl_vae")
     for config in (public, orchestrator):
         assert 'name: "NEGATIVE_PROMPT" data_type: TYPE_STRING dims: [ -1 ] optional: true' in config
         assert 'name: "IMAGE" data_type: TYPE_UINT8 dims: [ -1, -1, -1, 3 ]' in config
-        assert "instance_group [ { count: 3 kind: KIND_CPU } ]" in config  # one orchestrator per request held
+    assert "instance_group [ { count: 3 kind: KIND_CPU } ]" in orchestrator  # one per request running
+    # One per request it may hold (queue_size 4 more than run) and 4 spare, to refuse the excess at once.
+    assert "instance_group [ { count: 11 kind: KIND_CPU } ]" in public
     # The key the front marks a cancel under is internal: the orchestrator takes it, the public model does not.
     assert 'name: "REQUEST_KEY" data_type: TYPE_STRING dims: [ 1 ] optional: true' in orchestrator
     assert "REQUEST_KEY" not in public

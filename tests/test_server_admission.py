@@ -169,3 +169,55 @@ def test_a_request_that_cannot_finish_within_its_timeout_beside_a_running_one_is
     first.join(timeout=300)
     assert running["result"].images.shape == (1, 64, 64, 3)
     assert max_pixel_diff(generous.images[0], send(seed=4).images[0]) <= 1
+
+
+@pytest.fixture(scope="module")
+def one_slot_server(sdxl_tiny, tmp_path_factory):
+    """One orchestrator instance and two places to wait: a second request waits for the first to finish."""
+    repo = tmp_path_factory.mktemp("one-slot") / "model_repository"
+    write_repository(repo, {"sdxl": Path(sdxl_tiny)}, Deployment(orchestrator_instances=1,
+                                                                  queues=QueueLimits(queue_size=2)))
+    with TritonServer(repo, ready_timeout=240) as running:
+        yield running
+
+
+def test_a_request_that_would_wait_past_its_timeout_is_refused_on_arrival_and_a_waiting_one_is_charged_its_wait(
+    one_slot_server,
+):
+    from hybridiff.inflight import InFlightBoard, default_board_path
+    from tests.helpers import wait_for
+
+    def send(seed: int, timeout_s: float | None = None):
+        client = make_client("grpc", one_slot_server.grpc_url)
+        try:
+            return generate(client, "grpc", "sdxl", ["a lighthouse"], timeout_s=timeout_s, seed=seed, **FIELDS)
+        finally:
+            client.close()
+
+    started = time.perf_counter()
+    send(seed=1)  # warm, teaches the board this size's step cost, and how long one request takes alone
+    solo_s = time.perf_counter() - started
+    board = InFlightBoard(default_board_path().parent / f"hybridiff-load-{one_slot_server.process.pid}.json", 2)
+    running: dict[str, object] = {}
+    first = threading.Thread(target=lambda: running.setdefault("result", send(seed=2)))
+    first.start()
+    assert wait_for(lambda: any(j["devices"] for j in board.snapshot().jobs.values()), 30, 0.01)
+    # The one orchestrator instance is taken: a request with its solo time to live would start only after
+    # the first finished, so it is refused now, not when an instance takes it.
+    started = time.perf_counter()
+    with pytest.raises(InferenceServerException) as refused:
+        send(seed=3, timeout_s=solo_s)
+    refused_s = time.perf_counter() - started
+    assert refused.value.status() == "StatusCode.UNAVAILABLE", str(refused.value)
+    assert "server full" in str(refused.value) and "behind the 1 requests" in str(refused.value), str(refused.value)
+    assert refused_s < solo_s / 4, (refused_s, solo_s)
+    # With time enough it waits for the instance; its deadline counts from its arrival, not from then.
+    sent = time.perf_counter()
+    waited = send(seed=4, timeout_s=4 * solo_s)
+    first.join(timeout=300)
+    schedule = waited.schedules[0]
+    assert schedule["deadline_left_s"] is not None and schedule["deadline_left_s"] < 4 * solo_s - solo_s / 2, (
+        schedule, solo_s)
+    assert time.perf_counter() - sent > 1.5 * solo_s * 0.8  # it did wait for the first
+    assert max_pixel_diff(waited.images[0], send(seed=4).images[0]) <= 1
+    assert running["result"].images.shape == (1, 64, 64, 3)

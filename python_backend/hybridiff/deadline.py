@@ -154,6 +154,8 @@ def running_from(
     or None when a job's size has no cost estimate yet (the policy then has no numbers to weigh)."""
     running = {}
     for key, job in jobs.items():
+        if job.get("waiting"):  # admitted by the front, on no device yet (waiting_from)
+            continue
         costs = costs_from(estimates.get(job.get("cost_key", "")))
         if costs is None or "steps_left" not in job:
             return None
@@ -168,6 +170,50 @@ def running_from(
             costs.seconds(1, devices),
         )
     return running
+
+
+def waiting_from(jobs: Mapping[str, Mapping], estimates: Mapping[str, Mapping[str, float]]) -> list[float] | None:
+    """Solo serial seconds of each request the front admitted that no orchestrator placed yet, or None when
+    one's size has no cost estimate."""
+    waiting = []
+    for job in jobs.values():
+        if job.get("waiting"):
+            costs = costs_from(estimates.get(job.get("cost_key", "")))
+            if costs is None:
+                return None
+            waiting.append(costs.seconds(int(job.get("steps_left", 0)), 1))
+    return waiting
+
+
+def arrival_refusal(own_s: float, deadline_s: float | None, running: Sequence[Running], waiting_s: Sequence[float],
+                    costs: Costs, num_up: int, slots: int) -> str | None:
+    """Why the front refuses a request on arrival, or None to admit it (it then waits for an orchestrator
+    instance, and :func:`place` decides again once one takes it).
+
+    A request that an orchestrator instance takes at once (fewer than ``slots`` held) is left to
+    :func:`place`, which prices it exactly a moment later. One that must wait is refused now if it could
+    not finish in time even at the earliest: it starts once as many requests finished as it waits behind
+    beyond the free slots (no sooner than the one with that rank in remaining work), and not before the
+    ``num_up`` devices have worked off everything ahead of it (each running request's remaining work on
+    each of its devices, each waiting request's whole run) at their shared rate (the batching gain); then
+    it runs serially alone, ``own_s``. Without this, it would wait in the queue until an instance took it
+    and be refused then, or run and be late.
+    """
+    held = len(running) + len(waiting_s)
+    if deadline_s is None or num_up < 1 or held < slots:
+        return None
+    finishes = sorted(r.remaining_s for r in running)
+    rank = held - slots + 1  # finished requests that free a slot for it
+    start_s = finishes[min(rank, len(finishes)) - 1] if finishes else 0.0
+    ahead_s = sum(r.remaining_s * len(set(r.devices)) for r in running) + sum(waiting_s)
+    earliest_s = max(start_s, ahead_s / (num_up * costs.batch_gain)) + own_s
+    if earliest_s <= deadline_s:
+        return None
+    return (
+        f"{FULL}: the request cannot finish within its timeout behind the {held} requests the server holds "
+        f"({max(deadline_s, 0):.2f} s left, {earliest_s:.2f} s at the earliest); "
+        "retry later or with a longer timeout"
+    )
 
 
 @dataclass(frozen=True)

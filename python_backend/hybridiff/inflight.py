@@ -36,6 +36,7 @@ from .deadline import StepSample, learn
 
 BOARD_PREFIX = "hybridiff-load-"  # then the server's pid
 CANCEL_PREFIX = "hybridiff-cancel-"  # then the server's pid, "-" and the request's key
+WAITING_PREFIX = "waiting-"  # then the request's key: a request admitted, not yet placed (enter_waiting)
 REQUEST_KEY = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: names a file, so nothing else is accepted
 # How long a device marked down is avoided before one request tries it again. Short against the
 # time a supervisor needs to bring a stub back, long against the cost of one failed call.
@@ -241,18 +242,50 @@ class InFlightBoard:
                     counts[device] += 1
         return counts
 
+    def enter_waiting(self, request_key: str, job: Job, limit: int = 0) -> int | None:
+        """Record a request the public front admits, which holds no device until an orchestrator places it:
+        its work counts for later arrivals (:func:`deadline.arrival_refusal`), and its deadline is the one
+        the orchestrator keeps (:meth:`waited_deadline`). The orchestrator's :meth:`occupy` takes the entry
+        over; :meth:`leave_waiting` removes it in any case.
+
+        ``limit`` (0: none): the requests of the job's family the server may hold, running or waiting;
+        at the limit nothing is recorded and the count held is returned (None: recorded). Counted and
+        recorded under one lock, so that two arrivals cannot both take the last place.
+        """
+        family = job.cost_key.split(":")[0] + ":"
+        with self._locked() as state:
+            held = sum(1 for e in state.entries.values() if str(e.get("cost_key", "")).startswith(family))
+            if limit and held >= limit:
+                return held
+            state.entries[WAITING_PREFIX + request_key] = {
+                "pid": os.getpid(), "devices": [], "waiting": True, **asdict(job)
+            }
+        return None
+
+    def leave_waiting(self, request_key: str) -> None:
+        with self._locked() as state:
+            state.entries.pop(WAITING_PREFIX + request_key, None)
+
+    def waited_deadline(self, request_key: str) -> float | None:
+        """The deadline (board clock) the front recorded for ``request_key`` on its arrival, or None."""
+        entry = self._shared().entries.get(WAITING_PREFIX + request_key)
+        return None if entry is None else entry.get("deadline")
+
     @contextmanager
-    def occupy(self, choose, job: Job | None = None) -> Iterator[Occupancy]:
+    def occupy(self, choose, job: Job | None = None, request_key: str | None = None) -> Iterator[Occupancy]:
         """Read the board, let ``choose(snapshot)`` decide, and record what it occupies, atomically.
 
         ``choose`` returns ``(decision, devices)``; the devices count as busy until the block ends
         (or :meth:`Occupancy.update` changes them), and ``job`` is recorded with them. Deciding and
         recording under one lock keeps two requests from both seeing a free device. A chosen device
         whose down mark has expired is this request's to probe: its mark is renewed so that others
-        keep off it meanwhile.
+        keep off it meanwhile. ``request_key``: the front's key of the request, whose waiting entry
+        (:meth:`enter_waiting`) this one replaces.
         """
         key = f"{os.getpid()}-{uuid.uuid4().hex}"
         with self._locked() as state:
+            if request_key is not None:
+                state.entries.pop(WAITING_PREFIX + request_key, None)
             decision, devices = choose(self._snapshot(state))
             probing = {d for d in devices if d in state.down}
             for device in probing:

@@ -17,12 +17,11 @@ import torch
 
 from . import deadline
 from .families.base import Conditioning, DenoiseOutput, Denoiser, Family, LatentMath
+from .params import ImageRequest  # noqa: F401 (re-exported: the loop runs these)
 from .schedule import (
     COND,
     UNCOND,
     GuidanceSchedule,
-    HybridKnobs,
-    Mode,
     NoDeviceLeft,
     Phase,
     failover_device,
@@ -87,22 +86,6 @@ class InProcessTransport:
             )
 
         return await asyncio.to_thread(run) if self.threaded else run()
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """One image's parameters, already validated (see ``params.py``)."""
-
-    seed: int
-    steps: int
-    guidance_scale: float
-    height: int
-    width: int
-    mode: Mode
-    knobs: HybridKnobs
-    device: int = 0  # where single-device steps run
-    pair: tuple[int, int] = (0, 1)  # where parallel steps run
-    mode_requested: Mode | None = None  # what the client asked for when ``mode`` was chosen for it (auto)
 
 
 class RunHooks:

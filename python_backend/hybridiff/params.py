@@ -8,15 +8,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
-from .loop import ImageRequest
 from .schedule import HybridKnobs, Mode
 from .validation import InvalidParameter
 from .wire import MAX_SEED, FamilyDefaults, Limits, RequestInput, scalar_inputs
 
 __all__ = ["InvalidParameter", "Limits", "parse_image_requests", "parse_prompts"]
+
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image's parameters, validated (:func:`parse_image_requests`). Plain data: the public front parses
+    requests too, without torch."""
+
+    seed: int
+    steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    mode: Mode
+    knobs: HybridKnobs
+    device: int = 0  # where single-device steps run
+    pair: tuple[int, int] = (0, 1)  # where parallel steps run
+    mode_requested: Mode | None = None  # what the client asked for when ``mode`` was chosen for it (auto)
 
 
 def decode_strings(field: str, array: np.ndarray | None) -> list[str] | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ..admission import TRITON_QUEUE_FULL
 
@@ -48,6 +49,27 @@ def config_parameters(model_config: dict) -> dict[str, str]:
     """A model's generated config parameters (among them the models it calls: ``orchestrator``, ``text_encoder``,
     ``denoisers``, ``vae``)."""
     return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+
+
+def resolve_checkpoint(value: str, model_dir: str) -> Path:
+    """Checkpoint paths in configs may be relative to the model repository (so both can move).
+
+    Triton's ``args["model_repository"]`` is the model's own folder inside the repository.
+    """
+    path = Path(value)
+    if not path.is_absolute():
+        path = (Path(model_dir).parent / path).resolve()
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(f"no diffusers checkpoint (model_index.json) at {path}")
+    return path
+
+
+def input_array(request, name: str):
+    """An input as numpy (strings and small scalars), or None when the client left it out."""
+    import triton_python_backend_utils as pb_utils
+
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
 
 
 def encode_error(message: str, code: str) -> str:

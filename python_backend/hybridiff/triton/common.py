@@ -15,7 +15,7 @@ import torch
 
 from ..families.base import torch_dtype
 from ..host_memory import keep_freed_memory
-from .bls import config_parameters
+from .bls import config_parameters, input_array, resolve_checkpoint  # noqa: F401 (input_array: re-exported)
 
 
 @dataclass(frozen=True)
@@ -57,19 +57,6 @@ def _thread_ids() -> list[int]:
         return [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:
         return [0]
-
-
-def resolve_checkpoint(value: str, model_dir: str) -> Path:
-    """Checkpoint paths in configs may be relative to the model repository (so both can move).
-
-    Triton's ``args["model_repository"]`` is the model's own folder inside the repository.
-    """
-    path = Path(value)
-    if not path.is_absolute():
-        path = (Path(model_dir).parent / path).resolve()
-    if not (path / "model_index.json").exists():
-        raise FileNotFoundError(f"no diffusers checkpoint (model_index.json) at {path}")
-    return path
 
 
 def instance_device_from_args(args: dict, params: dict[str, str]) -> InstanceDevice:
@@ -124,12 +111,6 @@ def from_triton(tensor) -> torch.Tensor:
 def input_tensor(request, name: str) -> torch.Tensor | None:
     tensor = _pb().get_input_tensor_by_name(request, name)
     return None if tensor is None else from_triton(tensor)
-
-
-def input_array(request, name: str):
-    """An input as numpy (strings and small scalars), or None when the client left it out."""
-    tensor = _pb().get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
 
 
 def response(tensors: dict[str, torch.Tensor], extra=()):

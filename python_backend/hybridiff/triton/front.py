@@ -27,9 +27,24 @@ import uuid
 import numpy as np
 
 from .. import wire
-from ..inflight import CancelMark
+from ..admission import FULL
+from ..deadline import arrival_refusal, costs_from, running_from, waiting_from
+from ..inflight import CancelMark, InFlightBoard, Job, default_board_path
 from ..outage import ModelGone, OutagePolicy, StillGone, call_through_outage, record_try, with_tries
-from .bls import RunStopped, bls_exec, check_request, config_parameters, model_gone, public_error_response
+from ..params import parse_image_requests, parse_prompts
+from ..serving_defaults import read_serving_defaults
+from ..validation import InvalidParameter
+from ..wire import FAMILIES, Limits
+from .bls import (
+    RunStopped,
+    bls_exec,
+    check_request,
+    config_parameters,
+    input_array,
+    model_gone,
+    public_error_response,
+    resolve_checkpoint,
+)
 
 # How often a request waiting for the orchestrator asks Triton whether its client cancelled. A cancel reaches
 # the orchestrator this much later (then it stops before its next step); each poll is one call to the server.
@@ -52,6 +67,16 @@ class TritonPythonModel:
         params = config_parameters(json.loads(args["model_config"]))
         self.family, self.orchestrator = params["family"], params["orchestrator"]
         self.outage = OutagePolicy()
+        # What admission on arrival needs: the request's work (parsed by the orchestrator's rules, with the
+        # checkpoint's defaults) and the in-flight board the orchestrators keep.
+        self.limits = Limits.from_parameters(params)
+        checkpoint = resolve_checkpoint(params["checkpoint"], args["model_repository"])
+        self.defaults = read_serving_defaults(checkpoint, FAMILIES[self.family].defaults, self.limits)
+        self.slots = int(params["orchestrator_instances"])
+        queue_size = int(params.get("queue_size", "0"))
+        self.hold_limit = self.slots + queue_size if queue_size else 0  # 0: unbounded, as Triton's queue
+        self.admit_by_deadline = params.get("admit_by_deadline", "1") == "1"
+        self.board = InFlightBoard(default_board_path(), int(params["devices"]))
 
     async def execute(self, requests):
         return list(await asyncio.gather(*(self._execute_one(r) for r in requests)))
@@ -61,6 +86,53 @@ class TritonPythonModel:
         timeout_us = request.timeout()
         deadline = started + timeout_us / 1e6 if timeout_us else None
         key = uuid.uuid4().hex
+        job = self._job(request, deadline)
+        if job is None:  # inputs the orchestrator will refuse, naming the field
+            return await self._forward(request, key, started, deadline)
+        refused = self._arrival_refusal(job) if self.admit_by_deadline else None
+        if refused is not None:
+            return public_error_response(refused, "UNAVAILABLE")
+        # On the board until an orchestrator places it (and takes the entry over): later arrivals count its work.
+        held = self.board.enter_waiting(key, job, self.hold_limit)
+        if held is not None:
+            return public_error_response(
+                f"{FULL}: it holds {held} {self.family} requests, running and queued, as many as it may; retry later",
+                "UNAVAILABLE",
+            )
+        try:
+            return await self._forward(request, key, started, deadline)
+        finally:
+            self.board.leave_waiting(key)
+
+    def _job(self, request, deadline: float | None) -> Job | None:
+        """The request's work as the board records it, or None when its inputs do not parse (the
+        orchestrator then answers the error)."""
+        try:
+            prompts, _ = parse_prompts(*(input_array(request, spec.name) for spec in wire.PROMPT_INPUTS), self.limits)
+            scalars = {spec.name: input_array(request, spec.name) for spec in wire.scalar_inputs()}
+            images = parse_image_requests(scalars, self.defaults, self.limits, len(prompts))
+        except InvalidParameter:
+            return None
+        first = images[0]
+        board_deadline = None if deadline is None else self.board.clock() + deadline - time.monotonic()
+        return Job(sum(i.steps for i in images), f"{self.family}:{first.height}x{first.width}", board_deadline)
+
+    def _arrival_refusal(self, job: Job) -> str | None:
+        """Why the request is refused on arrival (:func:`hybridiff.deadline.arrival_refusal`), or None."""
+        if job.deadline is None:
+            return None
+        snapshot = self.board.snapshot()
+        running = running_from(snapshot.jobs, snapshot.costs, snapshot.now)
+        waiting = waiting_from(snapshot.jobs, snapshot.costs)
+        costs = costs_from(snapshot.costs.get(job.cost_key))
+        if running is None or waiting is None or costs is None:
+            return None  # a size with no measured step yet: the orchestrator's placement decides
+        own_s = costs.seconds(job.steps_left, 1)
+        return arrival_refusal(own_s, job.deadline - snapshot.now, list(running.values()), waiting, costs,
+                               sum(snapshot.up), self.slots)
+
+    async def _forward(self, request, key: str, started: float, deadline: float | None):
+        """The orchestrator's answer to the request, sent again through its outages."""
         mark = CancelMark(key)
         inputs = [*request.inputs(), self.pb.Tensor(wire.REQUEST_KEY.name, np.array([key.encode()], dtype=np.object_))]
         outputs = list(request.requested_output_names()) or [t.name for t in wire.RESPONSE_OUTPUTS]
@@ -128,3 +200,4 @@ class TritonPythonModel:
             if tensor is not None:
                 tensors.append(tensor)
         return tensors
+

@@ -197,12 +197,12 @@ class TritonPythonModel:
         self.decode_s: dict[str, float] = {}  # cost key -> seconds to decode one image (moving average)
 
     async def _denoise_placed(
-        self, image_request: ImageRequest, branch_cond, cancelled, deadline: float | None
+        self, image_request: ImageRequest, branch_cond, cancelled, deadline: float | None, key: str | None = None
     ) -> tuple[torch.Tensor, dict]:
         """Place the request by the board (the policy: ``deadline.place``), then run the loop there.
 
-        The request's deadline (its Triton timeout, counted from when this instance took it) and steps
-        go on the board with its devices, for the ``auto`` choices of later requests.
+        The request's deadline (counted from its arrival at the front) and steps go on the board with its
+        devices, for the ``auto`` choices of later requests; its entry replaces the front's waiting one (``key``).
         """
         guidance = image_request.guidance_scale > 1.0
         cost_key = f"{self.family.name}:{image_request.height}x{image_request.width}"
@@ -222,7 +222,7 @@ class TritonPythonModel:
             job.may_yield = image_request.mode is Mode.AUTO and placement.mode is Mode.HYBRID
             return (decided, snapshot.loads), placement.devices
 
-        with self.board.occupy(choose, job) as occupancy:
+        with self.board.occupy(choose, job, key) as occupancy:
             decided, loads = occupancy.decision
             if decided.refused is not None:
                 raise Refused(decided.refused)
@@ -295,9 +295,23 @@ class TritonPythonModel:
         image = from_triton(self.pb.get_output_tensor_by_name(reply, wire.IMAGE.name))
         return to_triton(wire.IMAGE.name, image.clone())
 
+    def _deadline_since_arrival(self, key: str | None, deadline: float | None) -> float | None:
+        """The request's deadline counted from its arrival at the front (recorded on the board with its
+        waiting entry), not from when this instance took it: the time it waited for an instance is spent."""
+        arrived_with = None if key is None else self.board.waited_deadline(key)
+        if arrived_with is None:
+            return deadline
+        from_front = time.monotonic() + arrived_with - self.board.clock()
+        return from_front if deadline is None else min(deadline, from_front)
+
     async def _execute_one(self, request):
         timeout_us = request.timeout()
         deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
+        try:
+            key = check_request_key(input_array(request, wire.REQUEST_KEY.name))
+        except InvalidParameter as err:
+            return error_response(str(err))
+        deadline = self._deadline_since_arrival(key, deadline)
         refused = await admit(self.board.loads, self.queues, request.timeout())
         if refused is not None:
             return error_response(refused, "UNAVAILABLE")
@@ -305,7 +319,6 @@ class TritonPythonModel:
             prompts, _ = parse_prompts(*(input_array(request, spec.name) for spec in wire.PROMPT_INPUTS), self.limits)
             scalars = {spec.name: input_array(request, spec.name) for spec in wire.scalar_inputs()}
             image_requests = parse_image_requests(scalars, self.defaults, self.limits, len(prompts))
-            key = check_request_key(input_array(request, wire.REQUEST_KEY.name))
         except InvalidParameter as err:
             return error_response(str(err))
         mark = CancelMark(key) if key is not None else None
@@ -325,7 +338,9 @@ class TritonPythonModel:
                     }
                     for branch in (UNCOND, COND)
                 }
-                image_latents, summary = await self._denoise_placed(image_request, branch_cond, cancelled, deadline)
+                image_latents, summary = await self._denoise_placed(
+                    image_request, branch_cond, cancelled, deadline, key
+                )
                 latents.append(image_latents)
                 schedules.append(json.dumps(summary))
             # Only a cancel stops a finished run here: the deadline bounds the waiting, not the decoding.
