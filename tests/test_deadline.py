@@ -116,6 +116,10 @@ def test_a_serial_newcomer_is_priced_with_growing_onto_the_first_device_to_free(
     choice = choose(20, 1.6, [serial(0, 60), serial(1, 5)], Costs(step_s=0.1, batch_gain=2.0), 2)
     assert choice.mode is Mode.SERIAL and choice.devices == (0,)
     assert choice.predicted_s == pytest.approx(0.5 + 1.5 / 1.6) and choice.meets
+    # Requests waiting to be placed take device 1 when it frees: serial is not counted on to grow (2.0 s,
+    # the deadline missed), so both devices are taken now (1.25 s; sharing is free at this batching gain).
+    queued = choose(20, 1.6, [serial(0, 60), serial(1, 5)], Costs(step_s=0.1, batch_gain=2.0), 2, queued=True)
+    assert queued.mode is Mode.CFG_PARALLEL and queued.predicted_s == pytest.approx(1.25) and queued.meets
     # Splitting measured no faster: no growth, 2.0 s on either device, the 1.6 s deadline missed.
     assert not choose(20, 1.6, [serial(0, 60), serial(1, 5)], Costs(step_s=0.1, parallel_speedup=1.0,
                                                                      batch_gain=2.0), 2).meets

@@ -285,6 +285,7 @@ def choose(
     guidance: bool = True,
     up: Sequence[bool] | None = None,
     cost_key: str | None = None,
+    queued: bool = False,
 ) -> Choice:
     """The mode for a new ``auto`` request of ``steps`` steps with ``deadline_s`` seconds to finish
     (of size ``cost_key``, against which neighbours of other sizes are priced; None: all one size).
@@ -295,7 +296,8 @@ def choose(
     the prediction counts on); else both least busy devices (``cfg_parallel``) if that does; else
     whichever is predicted fastest, marked as not meeting it. A placement that would push a running
     request past its deadline (:func:`pushes_late`) does not count as meeting it. Only devices that are
-    ``up`` are chosen; ties go to less work left, then to the lower index.
+    ``up`` are chosen; ties go to less work left, then to the lower index. ``queued``: other requests wait
+    to be placed, and take a device as it frees, so a serial run is not counted on to grow.
     """
     candidates = [d for d in range(num_devices) if up is None or up[d]]
     if not candidates:
@@ -319,7 +321,7 @@ def choose(
     def grown_latency(device: int, serial_s: float) -> float:
         """Serial on ``device`` until another device is free, then partitioned over both (:func:`grow_device`)."""
         others = [d for d in candidates if d != device]
-        if not guidance or not others or costs.parallel_speedup <= 1.0:
+        if queued or not guidance or not others or costs.parallel_speedup <= 1.0:
             return serial_s
         wait = min(free_after(d) for d in others)
         if wait >= serial_s:
@@ -416,12 +418,14 @@ def place(
     up: Sequence[bool] | None = None,
     admit_by_deadline: bool = True,
     cost_key: str | None = None,
+    queued: bool = False,
 ) -> Decision:
     """Where a request runs: ``auto`` by :func:`choose` when the board has the numbers (``costs`` for
     the request's size, ``running`` for every job), every other case by ``place_request``'s count rule.
 
     With the numbers and a deadline, ``admit_by_deadline`` refuses (``Decision.refused``) a request of any
-    mode that its placement cannot finish in time without making a running request late.
+    mode that its placement cannot finish in time without making a running request late. ``queued``: see
+    :func:`choose`.
     """
     counted = place_request(mode, loads, guidance, up)
     if costs is None or running is None:
@@ -430,7 +434,7 @@ def place(
         predicted = predict(counted, steps, deadline_s, running, costs, cost_key)
         refused = refusal(predicted, deadline_s, idle=not running) if admit_by_deadline else None
         return Decision(counted, "count", predicted.predicted_s, refused)
-    choice = choose(steps, deadline_s, running, costs, len(loads), guidance, up, cost_key)
+    choice = choose(steps, deadline_s, running, costs, len(loads), guidance, up, cost_key, queued)
     if choice.mode is Mode.SERIAL:
         placement = Placement(Mode.SERIAL, choice.devices[0], counted.pair, guidance)
     else:

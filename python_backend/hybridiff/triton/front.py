@@ -12,9 +12,14 @@ UNAVAILABLE naming the orchestrator. Each image's ``SCHEDULE`` lists the failed 
 
 Everything else passes through: the request's inputs as sent, its time left as the BLS request's timeout
 (the orchestrator's deadline), the orchestrator's outputs, and its errors with their codes (which BLS loses:
-:mod:`.bls`). The orchestrator validates; the front refuses nothing. The client's cancel, which Triton 2.51
-does not pass on to a BLS call, is polled here and marked for the orchestrator (``CancelMark``). The front's
-own death still loses its one request (INTERNAL "not healthy", which the project's client retries).
+:mod:`.bls`). The orchestrator validates. The front admits: it has an instance for every request the family may
+hold and spare ones, so it sees each request on arrival, refuses at once one that could not finish within its
+timeout behind those held (:func:`hybridiff.deadline.arrival_refusal`) or one beyond the count, and records
+the rest on the in-flight board as waiting, with the deadline the orchestrator keeps (docs/overload.md).
+
+The client's cancel, which Triton 2.51 does not pass on to a BLS call, is polled here and marked for the
+orchestrator (``CancelMark``). The front's own death still loses its one request (INTERNAL "not healthy",
+which the project's client retries).
 """
 
 from __future__ import annotations

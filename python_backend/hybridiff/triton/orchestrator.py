@@ -27,7 +27,16 @@ from ..admission import QueueLimits, admit
 from ..deadline import EWMA_ALPHA, BoardView, StepSample, place, view_of
 from ..families import get_family
 from ..families.base import DenoiseOutput, Family
-from ..inflight import CancelMark, InFlightBoard, Job, Occupancy, Snapshot, default_board_path, remove_dead_boards
+from ..inflight import (
+    WAITING_PREFIX,
+    CancelMark,
+    InFlightBoard,
+    Job,
+    Occupancy,
+    Snapshot,
+    default_board_path,
+    remove_dead_boards,
+)
 from ..loop import DenoiseTask, DeviceUnavailable, ImageRequest, RunHooks, denoise_image
 from ..outage import ModelGone, OutagePolicy, StillGone, call_through_outage
 from ..params import InvalidParameter, parse_image_requests, parse_prompts
@@ -214,8 +223,11 @@ class TritonPythonModel:
 
         def choose(snapshot: Snapshot):
             view = view_of(snapshot, None, cost_key)
+            mine = None if key is None else WAITING_PREFIX + key
+            queued = any(job.get("waiting") for k, job in snapshot.jobs.items() if k != mine)
             decided = place(image_request.mode, guidance, image_request.steps, denoise_s, view.costs,
-                            view.others, snapshot.loads, snapshot.up, self.queues.admit_by_deadline, cost_key)
+                            view.others, snapshot.loads, snapshot.up, self.queues.admit_by_deadline, cost_key,
+                            queued)
             if decided.refused is not None:
                 return (decided, snapshot.loads), ()
             placement = decided.placement
