@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 from client.generate import generate, generate_with_retry, is_retryable, make_client
 from export.make_repository import Deployment, write_repository
 from hybridiff.admin import ADMIN_HEADER, GRPC_ADMIN_METADATA
+from hybridiff.admission import QueueLimits
 from hybridiff.params import Limits
 from hybridiff.readiness import http_ready, not_ready, repository_models
 from hybridiff.supervisor import Recovery, scan_stubs
@@ -34,8 +35,11 @@ RECOVERY_S = 60.0
 @pytest.fixture(scope="module")
 def server(sdxl_tiny, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
+    # queue_size 0 (unbounded): the front then has one instance per orchestrator instance, not spare ones
+    # besides, so each of two requests at once is held by a known front process (the kill tests below).
     deployment = Deployment(
-        devices=2, kind="cpu", orchestrator_instances=2, limits=Limits(max_height=256, max_width=256, max_steps=64)
+        devices=2, kind="cpu", orchestrator_instances=2, limits=Limits(max_height=256, max_width=256, max_steps=64),
+        queues=QueueLimits(queue_size=0),
     )
     write_repository(repo, {"sdxl": Path(sdxl_tiny)}, deployment)
     with TritonServer(repo, ready_timeout=300, supervise=True) as running:
