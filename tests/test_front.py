@@ -261,10 +261,12 @@ def test_the_front_loads_and_parses_a_request_without_torch():
     """Torch would cost every front instance seconds on its first request (measured: a burst's refusals
     took 2-3 s instead of milliseconds) and its memory for as long as it runs."""
     code = (
-        "import sys, types; sys.modules['triton_python_backend_utils'] = types.ModuleType('pb'); "
+        "import sys, types; pb = types.ModuleType('pb'); sys.modules['triton_python_backend_utils'] = pb; "
+        "pb.get_input_tensor_by_name = lambda r, n: types.SimpleNamespace(as_numpy=lambda: r[n]) if n in r else None; "
         "import numpy as np; import hybridiff.triton.front as front; "
-        "front.parse_image_requests({'STEPS': np.array([4])}, front.FAMILIES['sdxl'].defaults, front.Limits(), 1); "
-        "assert 'torch' not in sys.modules, 'torch imported'"
+        "request = {'PROMPT': np.array([b'a fox'], dtype=object), 'STEPS': np.array([4])}; "
+        "[image] = front.image_requests_of(request, front.FAMILIES['sdxl'].defaults, front.Limits()); "
+        "assert image.steps == 4; assert 'torch' not in sys.modules, 'torch imported'"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python_backend"), str(REPO)])}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env)

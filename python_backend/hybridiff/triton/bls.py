@@ -23,7 +23,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import wire
 from ..admission import TRITON_QUEUE_FULL
+from ..params import ImageRequest, parse_image_requests, parse_prompts
+from ..wire import FamilyDefaults, Limits
 
 CODES = ("UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED", "ALREADY_EXISTS", "CANCELLED")
 _CODED = re.compile(r"\[(" + "|".join(CODES) + r")\] ")
@@ -70,6 +73,14 @@ def input_array(request, name: str):
 
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
+
+
+def image_requests_of(request, defaults: FamilyDefaults, limits: Limits) -> list[ImageRequest]:
+    """A public request's images, validated by the request rules (:mod:`hybridiff.params`); raises
+    InvalidParameter naming the field. The front prices them, the orchestrator runs them."""
+    prompts, _ = parse_prompts(*(input_array(request, spec.name) for spec in wire.PROMPT_INPUTS), limits)
+    scalars = {spec.name: input_array(request, spec.name) for spec in wire.scalar_inputs()}
+    return parse_image_requests(scalars, defaults, limits, len(prompts))
 
 
 def encode_error(message: str, code: str) -> str:

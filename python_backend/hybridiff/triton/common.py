@@ -15,7 +15,7 @@ import torch
 
 from ..families.base import torch_dtype
 from ..host_memory import keep_freed_memory
-from .bls import config_parameters, input_array, resolve_checkpoint  # noqa: F401 (input_array: re-exported)
+from .bls import config_parameters, resolve_checkpoint
 
 
 @dataclass(frozen=True)

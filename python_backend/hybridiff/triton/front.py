@@ -36,7 +36,6 @@ from ..admission import FULL
 from ..deadline import arrival_refusal, costs_from, running_from, waiting_from
 from ..inflight import CancelMark, InFlightBoard, Job, default_board_path
 from ..outage import ModelGone, OutagePolicy, StillGone, call_through_outage, record_try, with_tries
-from ..params import parse_image_requests, parse_prompts
 from ..serving_defaults import read_serving_defaults
 from ..validation import InvalidParameter
 from ..wire import FAMILIES, Limits
@@ -45,7 +44,7 @@ from .bls import (
     bls_exec,
     check_request,
     config_parameters,
-    input_array,
+    image_requests_of,
     model_gone,
     public_error_response,
     resolve_checkpoint,
@@ -113,9 +112,7 @@ class TritonPythonModel:
         """The request's work as the board records it, or None when its inputs do not parse (the
         orchestrator then answers the error)."""
         try:
-            prompts, _ = parse_prompts(*(input_array(request, spec.name) for spec in wire.PROMPT_INPUTS), self.limits)
-            scalars = {spec.name: input_array(request, spec.name) for spec in wire.scalar_inputs()}
-            images = parse_image_requests(scalars, self.defaults, self.limits, len(prompts))
+            images = image_requests_of(request, self.defaults, self.limits)
         except InvalidParameter:
             return None
         first = images[0]
@@ -205,4 +202,3 @@ class TritonPythonModel:
             if tensor is not None:
                 tensors.append(tensor)
         return tensors
-

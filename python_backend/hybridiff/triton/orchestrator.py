@@ -39,12 +39,12 @@ from ..inflight import (
 )
 from ..loop import DenoiseTask, DeviceUnavailable, ImageRequest, RunHooks, denoise_image
 from ..outage import ModelGone, OutagePolicy, StillGone, call_through_outage
-from ..params import InvalidParameter, parse_image_requests, parse_prompts
+from ..params import InvalidParameter
 from ..schedule import COND, UNCOND, Mode, NoDeviceLeft
 from ..serving_defaults import read_serving_defaults
 from ..validation import check_request_key, check_text_conditioning, model_limits
-from .bls import RunStopped, bls_exec, check_request, device_gone, error_response
-from .common import from_triton, input_array, model_context, to_triton
+from .bls import RunStopped, bls_exec, check_request, device_gone, error_response, image_requests_of, input_array
+from .common import from_triton, model_context, to_triton
 from .metrics import OrchestratorMetrics
 
 
@@ -328,9 +328,7 @@ class TritonPythonModel:
         if refused is not None:
             return error_response(refused, "UNAVAILABLE")
         try:
-            prompts, _ = parse_prompts(*(input_array(request, spec.name) for spec in wire.PROMPT_INPUTS), self.limits)
-            scalars = {spec.name: input_array(request, spec.name) for spec in wire.scalar_inputs()}
-            image_requests = parse_image_requests(scalars, self.defaults, self.limits, len(prompts))
+            image_requests = image_requests_of(request, self.defaults, self.limits)
         except InvalidParameter as err:
             return error_response(str(err))
         mark = CancelMark(key) if key is not None else None

@@ -5,8 +5,8 @@ from __future__ import annotations
 from .. import wire
 from ..families import get_family
 from ..params import InvalidParameter, Limits, parse_prompts
-from .bls import error_response
-from .common import input_array, model_context, response
+from .bls import error_response, input_array
+from .common import model_context, response
 
 
 class TritonPythonModel:
