@@ -79,3 +79,11 @@ def in_parallel(calls: Sequence[Callable[[], object]], timeout_s: float = 300.0)
         thread.join(timeout=timeout_s)
     assert not errors, errors
     return results
+
+
+def server_board(server, devices: int = 2):
+    """The in-flight board of a running ``tools.triton_process.TritonServer``, as its orchestrators see it
+    (named after the tritonserver's pid)."""
+    from hybridiff.inflight import InFlightBoard, default_board_path
+
+    return InFlightBoard(default_board_path().parent / f"hybridiff-load-{server.process.pid}.json", devices)

@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 from client.generate import generate, make_client
 from export.make_repository import Deployment, write_repository
 from hybridiff.params import Limits
-from tests.helpers import in_parallel, max_pixel_diff
+from tests.helpers import in_parallel, max_pixel_diff, server_board
 from tools.triton_process import TritonServer
 
 pytestmark = pytest.mark.server
@@ -170,7 +170,7 @@ def test_auto_under_load_runs_serial_on_the_least_busy_device_with_the_solo_imag
     # test fires at step 30 of 64 for these seeds): placing them takes a text-encoder pass and the
     # admission and input checks each, which on a loaded machine (CI) once took longer than 20 steps.
     long = {**BASE, "steps": 64, **HYBRID_KNOBS, "tau_cap": 56}
-    board = _board(server)
+    board = server_board(server)
     client = make_client("grpc", server.grpc_url)
     try:
         pending = [start_generate(client, "sdxl", [PROMPT], **{**long, "seed": 11})]
@@ -204,13 +204,6 @@ def test_auto_under_load_runs_serial_on_the_least_busy_device_with_the_solo_imag
         assert max_pixel_diff(result.images[0], solo) <= 1
 
 
-def _board(server):
-    """The server's in-flight board, as its orchestrators see it (named after the tritonserver's pid)."""
-    from hybridiff.inflight import InFlightBoard, default_board_path
-
-    return InFlightBoard(default_board_path().parent / f"hybridiff-load-{server.process.pid}.json", 2)
-
-
 def _wait_for_jobs(board, count: int, timeout_s: float = 60.0) -> None:
     end = time.monotonic() + timeout_s
     while len(board.snapshot().jobs) < count:
@@ -225,7 +218,7 @@ def test_auto_places_by_remaining_work_and_carries_its_timeout_as_deadline(serve
 
     for size in (64, 256):  # a serial step of each size measured: the board knows their costs
         call(server, "http", mode="serial", steps=2, height=size, width=size)
-    board = _board(server)
+    board = server_board(server)
     client = make_client("grpc", server.grpc_url)
     big = {**BASE, "mode": "serial", "steps": 64, "seed": 51, "height": 256, "width": 256}
     try:
@@ -251,7 +244,7 @@ def test_auto_places_by_remaining_work_and_carries_its_timeout_as_deadline(serve
 def test_concurrent_serial_requests_spread_over_the_devices(server):
     from client.generate import start_generate
 
-    board = _board(server)
+    board = server_board(server)
     client = make_client("grpc", server.grpc_url)
     try:  # the second is sent while the first runs (on the board), not by the luck of two threads
         first = start_generate(client, "sdxl", [PROMPT], **{**BASE, "mode": "serial", "steps": 40, "seed": 21})

@@ -40,6 +40,15 @@ def call(server, protocol: str, seed: int):
         client.close()
 
 
+def send(server, seed: int, timeout_s: float | None = None):
+    """One request over gRPC with ``timeout_s`` as its timeout."""
+    client = make_client("grpc", server.grpc_url)
+    try:
+        return generate(client, "grpc", "sdxl", ["a lighthouse"], timeout_s=timeout_s, seed=seed, **FIELDS)
+    finally:
+        client.close()
+
+
 def test_a_burst_beyond_the_queue_is_refused_fast_and_the_rest_equals_its_solo_image(server):
     solo_started = time.perf_counter()
     call(server, "http", seed=0)  # warm, and how long one request takes alone
@@ -144,31 +153,25 @@ def deadline_server(sdxl_tiny, tmp_path_factory):
 
 
 def test_a_request_that_cannot_finish_within_its_timeout_beside_a_running_one_is_refused_at_once(deadline_server):
-    def send(seed: int, timeout_s: float | None = None):
-        client = make_client("grpc", deadline_server.grpc_url)
-        try:
-            return generate(client, "grpc", "sdxl", ["a lighthouse"], timeout_s=timeout_s, seed=seed, **FIELDS)
-        finally:
-            client.close()
-
+    server = deadline_server
     started = time.perf_counter()
-    send(seed=1)  # warm, teaches the board this size's step cost, and how long one request takes alone
+    send(server, seed=1)  # warm, teaches the board this size's step cost, and how long one request takes alone
     solo_s = time.perf_counter() - started
     running: dict[str, object] = {}
-    first = threading.Thread(target=lambda: running.setdefault("result", send(seed=2)))
+    first = threading.Thread(target=lambda: running.setdefault("result", send(server, seed=2)))
     first.start()
     time.sleep(solo_s / 4)  # the first request is running on one device
     started = time.perf_counter()
     with pytest.raises(InferenceServerException) as refused:
-        send(seed=3, timeout_s=solo_s / 3)  # no placement finishes 100 steps in a third of their solo time
+        send(server, seed=3, timeout_s=solo_s / 3)  # no placement finishes 100 steps in a third of their solo time
     refused_s = time.perf_counter() - started
     assert refused.value.status() == "StatusCode.UNAVAILABLE", str(refused.value)
     assert "server full" in str(refused.value) and "cannot finish within its timeout" in str(refused.value)
     assert refused_s < solo_s / 4, (refused_s, solo_s)  # at once, not at the deadline
-    generous = send(seed=4, timeout_s=20 * solo_s)  # the same request with time enough is served
+    generous = send(server, seed=4, timeout_s=20 * solo_s)  # the same request with time enough is served
     first.join(timeout=300)
     assert running["result"].images.shape == (1, 64, 64, 3)
-    assert max_pixel_diff(generous.images[0], send(seed=4).images[0]) <= 1
+    assert max_pixel_diff(generous.images[0], send(server, seed=4).images[0]) <= 1
 
 
 @pytest.fixture(scope="module")
@@ -184,40 +187,34 @@ def one_slot_server(sdxl_tiny, tmp_path_factory):
 def test_a_request_that_would_wait_past_its_timeout_is_refused_on_arrival_and_a_waiting_one_is_charged_its_wait(
     one_slot_server,
 ):
-    from hybridiff.inflight import InFlightBoard, default_board_path
-    from tests.helpers import wait_for
+    from tests.helpers import server_board, wait_for
 
-    def send(seed: int, timeout_s: float | None = None):
-        client = make_client("grpc", one_slot_server.grpc_url)
-        try:
-            return generate(client, "grpc", "sdxl", ["a lighthouse"], timeout_s=timeout_s, seed=seed, **FIELDS)
-        finally:
-            client.close()
+    server = one_slot_server
 
     started = time.perf_counter()
-    send(seed=1)  # warm, teaches the board this size's step cost, and how long one request takes alone
+    send(server, seed=1)  # warm, teaches the board this size's step cost, and how long one request takes alone
     solo_s = time.perf_counter() - started
-    board = InFlightBoard(default_board_path().parent / f"hybridiff-load-{one_slot_server.process.pid}.json", 2)
+    board = server_board(server)
     running: dict[str, object] = {}
-    first = threading.Thread(target=lambda: running.setdefault("result", send(seed=2)))
+    first = threading.Thread(target=lambda: running.setdefault("result", send(server, seed=2)))
     first.start()
     assert wait_for(lambda: any(j["devices"] for j in board.snapshot().jobs.values()), 30, 0.01)
     # The one orchestrator instance is taken: a request with its solo time to live would start only after
     # the first finished, so it is refused now, not when an instance takes it.
     started = time.perf_counter()
     with pytest.raises(InferenceServerException) as refused:
-        send(seed=3, timeout_s=solo_s)
+        send(server, seed=3, timeout_s=solo_s)
     refused_s = time.perf_counter() - started
     assert refused.value.status() == "StatusCode.UNAVAILABLE", str(refused.value)
     assert "server full" in str(refused.value) and "behind the 1 requests" in str(refused.value), str(refused.value)
     assert refused_s < solo_s / 4, (refused_s, solo_s)
     # With time enough it waits for the instance; its deadline counts from its arrival, not from then.
     sent = time.perf_counter()
-    waited = send(seed=4, timeout_s=4 * solo_s)
+    waited = send(server, seed=4, timeout_s=4 * solo_s)
     first.join(timeout=300)
     schedule = waited.schedules[0]
     assert schedule["deadline_left_s"] is not None and schedule["deadline_left_s"] < 4 * solo_s - solo_s / 2, (
         schedule, solo_s)
     assert time.perf_counter() - sent > 1.5 * solo_s * 0.8  # it did wait for the first
-    assert max_pixel_diff(waited.images[0], send(seed=4).images[0]) <= 1
+    assert max_pixel_diff(waited.images[0], send(server, seed=4).images[0]) <= 1
     assert running["result"].images.shape == (1, 64, 64, 3)
