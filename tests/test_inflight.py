@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from hybridiff.inflight import InFlightBoard
+from hybridiff.inflight import WAITING_PREFIX, InFlightBoard
 from hybridiff.schedule import Mode, place_request
 
 
@@ -199,7 +199,11 @@ def test_a_waiting_request_holds_no_device_until_its_orchestrator_takes_its_entr
     board = InFlightBoard(tmp_path / "board.json", 2, clock=clock)
     key = "a" * 32
     costs = {"sdxl:64x64": {"serial": 0.5}}
-    assert board.enter_waiting(key, Job(steps_left=20, cost_key="sdxl:64x64", deadline=104.0), limit=2) is None
+    def at_most_two(family: str):
+        return lambda snapshot: "full" if snapshot.held(family) >= 2 else None
+
+    job = Job(steps_left=20, cost_key="sdxl:64x64", deadline=104.0)
+    assert board.enter_waiting(key, job, at_most_two("sdxl")) is None
     seen = board.snapshot()
     assert seen.loads == [0, 0] and board.waited_deadline(key) == 104.0
     assert waiting_from(seen.jobs, costs) == [pytest.approx(10.0)]  # its whole run, serially
@@ -208,13 +212,35 @@ def test_a_waiting_request_holds_no_device_until_its_orchestrator_takes_its_entr
         seen = board.snapshot()
         assert list(seen.jobs) == [placed.key] and seen.loads == [0, 1]  # one entry: the running one
         assert board.waited_deadline(key) is None
-        # The limit counts the family's requests, running and waiting: one more sdxl fits, an sd3 one too.
-        assert board.enter_waiting("b" * 32, Job(20, "sdxl:64x64"), limit=2) is None
-        assert board.enter_waiting("c" * 32, Job(20, "sdxl:64x64"), limit=2) == 2
-        assert board.enter_waiting("d" * 32, Job(20, "sd3:64x64"), limit=2) is None
+        # A family's count holds its requests, running and waiting: one more sdxl fits, an sd3 one too.
+        assert board.enter_waiting("b" * 32, Job(20, "sdxl:64x64"), at_most_two("sdxl")) is None
+        assert board.enter_waiting("c" * 32, Job(20, "sdxl:64x64"), at_most_two("sdxl")) == "full"
+        assert WAITING_PREFIX + "c" * 32 not in board.snapshot().jobs  # refused: not recorded
+        assert board.enter_waiting("d" * 32, Job(20, "sd3:64x64"), at_most_two("sd3")) is None
         assert waiting_from(board.snapshot().jobs, {}) is None  # a size with no estimate: no numbers
         for other in ("b", "c", "d"):
             board.leave_waiting(other * 32)
         board.leave_waiting(key)  # taken over already: nothing to remove
         assert list(board.snapshot().jobs) == [placed.key]
     assert board.snapshot().jobs == {}
+
+
+def test_an_arrival_is_priced_on_the_board_with_every_earlier_arrival_recorded(tmp_path):
+    """The refusal is decided and the request recorded under one lock: arrivals from several processes at
+    once each see the ones recorded before them, so no two are priced on the same board."""
+    path = tmp_path / "board.json"
+    InFlightBoard(path, 2)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(4) as pool:
+        seen = pool.starmap(_arrive, [(path, index) for index in range(8)])
+    assert sorted(seen) == list(range(8))  # each saw a different number of requests ahead of it
+    assert len(InFlightBoard(path, 2).snapshot().jobs) == 0  # the pool's processes are gone: entries dropped
+
+
+def _arrive(path, index: int) -> int:
+    from hybridiff.inflight import Job
+
+    board = InFlightBoard(path, 2)
+    seen = []
+    board.enter_waiting(f"{index:032d}", Job(20, "sdxl:64x64"), lambda snapshot: seen.append(snapshot.held("sdxl")))
+    return seen[0]

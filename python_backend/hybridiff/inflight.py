@@ -27,7 +27,7 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,6 +137,10 @@ class Snapshot:
     costs: dict[str, dict[str, float]]
     now: float
 
+    def held(self, family: str) -> int:
+        """Requests of ``family`` on the board, running or waiting to be placed."""
+        return sum(1 for job in self.jobs.values() if str(job.get("cost_key", "")).startswith(family + ":"))
+
 
 @dataclass
 class _State:
@@ -242,25 +246,24 @@ class InFlightBoard:
                     counts[device] += 1
         return counts
 
-    def enter_waiting(self, request_key: str, job: Job, limit: int = 0) -> int | None:
+    def enter_waiting(self, request_key: str, job: Job,
+                      refuse: Callable[[Snapshot], str | None] | None = None) -> str | None:
         """Record a request the public front admits, which holds no device until an orchestrator places it:
         its work counts for later arrivals (:func:`deadline.arrival_refusal`), and its deadline is the one
         the orchestrator keeps (:meth:`waited_deadline`). The orchestrator's :meth:`occupy` takes the entry
         over; :meth:`leave_waiting` removes it in any case.
 
-        ``limit`` (0: none): the requests of the job's family the server may hold, running or waiting;
-        at the limit nothing is recorded and the count held is returned (None: recorded). Counted and
-        recorded under one lock, so that two arrivals cannot both take the last place.
+        ``refuse(snapshot)`` decides on the board as it is: a reason to refuse the request (returned, and
+        nothing recorded) or None to record it. Deciding and recording under one lock keeps two arrivals
+        from both taking the last place, or each being priced without the other.
         """
-        family = job.cost_key.split(":")[0] + ":"
         with self._locked() as state:
-            held = sum(1 for e in state.entries.values() if str(e.get("cost_key", "")).startswith(family))
-            if limit and held >= limit:
-                return held
-            state.entries[WAITING_PREFIX + request_key] = {
-                "pid": os.getpid(), "devices": [], "waiting": True, **asdict(job)
-            }
-        return None
+            reason = None if refuse is None else refuse(self._snapshot(state))
+            if reason is None:
+                state.entries[WAITING_PREFIX + request_key] = {
+                    "pid": os.getpid(), "devices": [], "waiting": True, **asdict(job)
+                }
+        return reason
 
     def leave_waiting(self, request_key: str) -> None:
         with self._locked() as state:

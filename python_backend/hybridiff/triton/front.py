@@ -34,7 +34,7 @@ import numpy as np
 from .. import wire
 from ..admission import FULL
 from ..deadline import arrival_refusal, costs_from, running_from, waiting_from
-from ..inflight import CancelMark, InFlightBoard, Job, default_board_path
+from ..inflight import CancelMark, InFlightBoard, Job, Snapshot, default_board_path
 from ..outage import ModelGone, OutagePolicy, StillGone, call_through_outage, record_try, with_tries
 from ..serving_defaults import read_serving_defaults
 from ..validation import InvalidParameter
@@ -93,16 +93,11 @@ class TritonPythonModel:
         job = self._job(request, deadline)
         if job is None:  # inputs the orchestrator will refuse, naming the field
             return await self._forward(request, key, started, deadline)
-        refused = self._arrival_refusal(job) if self.admit_by_deadline else None
+        # Priced and, if admitted, put on the board as waiting in one step, so that arrivals see each other;
+        # later arrivals count its work until an orchestrator places it (and takes the entry over).
+        refused = self.board.enter_waiting(key, job, lambda snapshot: self._refusal(job, snapshot))
         if refused is not None:
             return public_error_response(refused, "UNAVAILABLE")
-        # On the board until an orchestrator places it (and takes the entry over): later arrivals count its work.
-        held = self.board.enter_waiting(key, job, self.hold_limit)
-        if held is not None:
-            return public_error_response(
-                f"{FULL}: it holds {held} {self.family} requests, running and queued, as many as it may; retry later",
-                "UNAVAILABLE",
-            )
         try:
             return await self._forward(request, key, started, deadline)
         finally:
@@ -119,11 +114,15 @@ class TritonPythonModel:
         board_deadline = None if deadline is None else self.board.clock() + deadline - time.monotonic()
         return Job(sum(i.steps for i in images), f"{self.family}:{first.height}x{first.width}", board_deadline)
 
-    def _arrival_refusal(self, job: Job) -> str | None:
-        """Why the request is refused on arrival (:func:`hybridiff.deadline.arrival_refusal`), or None."""
-        if job.deadline is None:
+    def _refusal(self, job: Job, snapshot: Snapshot) -> str | None:
+        """Why the request is refused on arrival, on the board as ``snapshot`` shows it, or None: the family
+        holds as many requests as it may, or the request could not finish within its timeout behind them
+        (:func:`hybridiff.deadline.arrival_refusal`)."""
+        held = snapshot.held(self.family)
+        if self.hold_limit and held >= self.hold_limit:
+            return f"{FULL}: it holds {held} {self.family} requests, running and queued, as many as it may; retry later"
+        if not self.admit_by_deadline or job.deadline is None:
             return None
-        snapshot = self.board.snapshot()
         running = running_from(snapshot.jobs, snapshot.costs, snapshot.now)
         waiting = waiting_from(snapshot.jobs, snapshot.costs)
         costs = costs_from(snapshot.costs.get(job.cost_key))
