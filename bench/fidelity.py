@@ -37,16 +37,19 @@ class Config:
     mode: str
     k: int | None = None  # None: the checkpoint's default
     frozen_feed: bool = False
+    guidance: float | None = None  # None: the checkpoint's default
 
     @property
     def label(self) -> str:
         label = self.mode if self.k is None else f"{self.mode} k={self.k}"
+        label += "" if self.guidance is None else f" (guidance {self.guidance:g})"
         return label + (FROZEN if self.frozen_feed else "")
 
 
 def configs(ks: tuple[int, ...], frozen_feed: bool, default_k: int) -> list[Config]:
-    """serial first (the reference of every comparison), the modes, the k ablation, the frozen-feed runs."""
-    runs = [Config("serial"), Config("cfg_parallel"), Config("hybrid")]
+    """serial first (the reference of every comparison), the modes, serial without guidance (what guidance
+    adds to adherence), the k ablation, the frozen-feed runs."""
+    runs = [Config("serial"), Config("cfg_parallel"), Config("hybrid"), Config("serial", guidance=1.0)]
     runs += [Config("hybrid", k) for k in ks if k != default_k]
     if frozen_feed:
         runs += [Config("hybrid", None, True)] + [Config("hybrid", k, True) for k in ks if k != default_k]
@@ -54,8 +57,9 @@ def configs(ks: tuple[int, ...], frozen_feed: bool, default_k: int) -> list[Conf
 
 
 def run_all(family: str, checkpoint: Path, runs: list[Config], per_prompt: int, steps: int | None,
-            size: int | None = None) -> dict:
-    """Every prompt in every config (configs interleaved per prompt, so drift hits them alike)."""
+            size: int | None = None, seed_base: int = 1000) -> dict:
+    """Every prompt in every config (configs interleaved per prompt, so drift hits them alike); image ``i``
+    has seed ``seed_base + i``."""
     import torch
 
     from bench.frozen_feed import FrozenStageFeed
@@ -78,7 +82,9 @@ def run_all(family: str, checkpoint: Path, runs: list[Config], per_prompt: int, 
     for i, prompt in enumerate(prompts):
         for config in runs:
             knobs = defaults.knobs if config.k is None else dataclasses.replace(defaults.knobs, k=config.k)
-            request = dataclasses.replace(base, seed=1000 + i, mode=Mode(config.mode), knobs=knobs)
+            guidance = base.guidance_scale if config.guidance is None else config.guidance
+            request = dataclasses.replace(base, seed=seed_base + i, mode=Mode(config.mode), knobs=knobs,
+                                          guidance_scale=guidance)
             pipe.transport = frozen if config.frozen_feed else correct
             started = time.perf_counter()
             image, report, _ = pipe.generate(prompt, request)
@@ -86,7 +92,7 @@ def run_all(family: str, checkpoint: Path, runs: list[Config], per_prompt: int, 
             results[config.label]["images"].append(image)
             results[config.label]["schedules"].append(report.schedule)
     pipe.transport = correct
-    return {"pipe": pipe, "prompts": prompts, "request": base, "results": results}
+    return {"pipe": pipe, "prompts": prompts, "request": base, "results": results, "seed_base": seed_base}
 
 
 def summarize(prompts: list[str], results: dict, ideal_latency) -> dict:
@@ -161,13 +167,14 @@ def markdown(header: str, rows: dict, default_k: int) -> list[str]:
     return lines
 
 
-def rel_mae_curves(family: str, checkpoint: Path, request, prompts: list[str]) -> list[list[float]]:
+def rel_mae_curves(family: str, checkpoint: Path, request, prompts: list[str],
+                   seed_base: int = 1000) -> list[list[float]]:
     """cfg_parallel's rel-MAE per step (the curve hybrid's slope test reads) for each prompt."""
     from hybridiff.local import LocalPipeline
     from hybridiff.schedule import Mode
 
     pipe = LocalPipeline(family, checkpoint, devices=2)
-    return [pipe.generate(p, dataclasses.replace(request, seed=1000 + i, mode=Mode.CFG_PARALLEL))[1]
+    return [pipe.generate(p, dataclasses.replace(request, seed=seed_base + i, mode=Mode.CFG_PARALLEL))[1]
             .schedule["rel_mae"] for i, p in enumerate(prompts)]
 
 
@@ -204,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ks", type=int, nargs="*", default=list(ABLATION_K))
     parser.add_argument("--frozen-feed", action="store_true",
                         help="SD3: also run hybrid with the reference's frozen stage-1 feed (bench/frozen_feed.py)")
+    parser.add_argument("--seed-base", type=int, default=1000,
+                        help="seed of the first image (1000: the seeds the shipped models were chosen on)")
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
 
     default_k = read_serving_defaults(args.checkpoint, get_family(args.family).defaults).knobs.k
     run = run_all(args.family, args.checkpoint, configs(tuple(args.ks), args.frozen_feed, default_k),
-                  args.per_prompt, args.steps, args.size)
+                  args.per_prompt, args.steps, args.size, args.seed_base)
     request = run["request"]
     times = OneDevice(args.family, args.checkpoint, request.height).measure(repeats=5)
     rows = summarize(run["prompts"], run["results"], times.ideal_latency)
@@ -221,10 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     taus = {f"{args.checkpoint} (trained)": [t for t in rows["hybrid"]["tau1"] if t is not None]}
     if args.random is not None:
         curves[f"{args.random} (random weights)"] = rel_mae_curves(args.family, args.random, request,
-                                                                   run["prompts"][:: args.per_prompt])
+                                                                   run["prompts"][:: args.per_prompt], args.seed_base)
     plot_curves(curves, taus, args.out / "rel_mae.png")
     header = (f"**{args.family}, {args.checkpoint}**: {len(run['prompts'])} held-out images "
-              f"({args.per_prompt} seeds x {len(run['prompts']) // args.per_prompt} combinations), "
+              f"({args.per_prompt} seeds x {len(run['prompts']) // args.per_prompt} combinations, seeds from "
+              f"{args.seed_base}), "
               f"{request.steps} steps, guidance {request.guidance_scale:g}, {request.height}x{request.width}, "
               f"knobs {dataclasses.asdict(request.knobs)}; two in-process devices (threads).")
     lines = markdown(header, rows, default_k)

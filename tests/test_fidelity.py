@@ -74,10 +74,10 @@ def test_frozen_feed_is_refused_for_sdxl(sdxl_tiny):
         FrozenStageFeed(local.transport)
 
 
-def test_configs_start_with_serial_and_add_the_ablation_and_the_frozen_runs():
+def test_configs_start_with_serial_and_add_no_guidance_the_ablation_and_the_frozen_runs():
     labels = [c.label for c in configs((0, 5, 10), frozen_feed=True, default_k=5)]
-    assert labels == ["serial", "cfg_parallel", "hybrid", "hybrid k=0", "hybrid k=10", "hybrid" + FROZEN,
-                      "hybrid k=0" + FROZEN, "hybrid k=10" + FROZEN]
+    assert labels == ["serial", "cfg_parallel", "hybrid", "serial (guidance 1)", "hybrid k=0", "hybrid k=10",
+                      "hybrid" + FROZEN, "hybrid k=0" + FROZEN, "hybrid k=10" + FROZEN]
     assert Config("hybrid", 20).label == "hybrid k=20"
 
 

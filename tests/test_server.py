@@ -257,6 +257,15 @@ def test_concurrent_serial_requests_spread_over_the_devices(server):
     assert devices == [0, 1]
 
 
+def test_a_corrupt_board_is_reset_and_the_next_request_is_served(server, serial_image):
+    board = server_board(server)
+    board.path.write_text('{"entries": {"1234-ab": {"pid": 1234, "dev')  # a write cut off half-way
+    result = call(server, "grpc", mode="serial")
+    assert max_pixel_diff(result.images[0], serial_image) <= 1
+    assert board.snapshot().jobs == {}  # readable again, and nothing left on it
+    assert "was unreadable" in server.logs()
+
+
 def test_orchestrator_exports_schedule_metrics(server):
     import urllib.request
 

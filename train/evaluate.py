@@ -37,11 +37,13 @@ def sample(pipe, prompts: list[str], guidance: float, steps: int, size: int, see
 
 
 def evaluate(family: str, folder: Path, guidances: Sequence[float], steps: int = 25, per_prompt: int = 4,
-             split: str = "held_out", size: int = 32, grid: Path | None = None) -> dict[str, dict[str, float]]:
-    """Adherence per guidance scale over every combination of ``split``, ``per_prompt`` seeds each."""
+             split: str = "held_out", size: int = 32, grid: Path | None = None,
+             seed_base: int = 1000) -> dict[str, dict[str, float]]:
+    """Adherence per guidance scale over every combination of ``split``, ``per_prompt`` seeds each (image ``i``
+    seeded ``seed_base + i``)."""
     combos = HELD_OUT_COMBINATIONS if split == "held_out" else TRAIN_COMBINATIONS
     prompts = [caption(*c) for c in combos for _ in range(per_prompt)]
-    seeds = [1000 + i for i in range(len(prompts))]
+    seeds = [seed_base + i for i in range(len(prompts))]
     from hybridiff.local import LocalPipeline
 
     pipe = LocalPipeline(family, folder, devices=1)
@@ -101,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--per-prompt", type=int, default=4)
     parser.add_argument("--split", choices=["held_out", "train"], default="held_out")
+    parser.add_argument("--seed-base", type=int, default=1000,
+                        help="seed of the first image (1000: the seeds the shipped models were chosen on)")
     parser.add_argument("--grid", type=Path, default=None, help="PNG: one row per guidance, one image per prompt")
     parser.add_argument("--modes", nargs="+", default=None,
                         help="instead: compare these modes at the checkpoint's defaults (--steps 0: default steps)")
@@ -121,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(report, indent=1))
             return 0
         report.update(evaluate(args.family, folder, args.guidance, args.steps, args.per_prompt, args.split, size,
-                               args.grid))
+                               args.grid, args.seed_base))
+        report["seed_base"] = args.seed_base
     print(json.dumps(report, indent=1))
     return 0
 
