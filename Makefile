@@ -27,6 +27,8 @@ LISTEN ?= 127.0.0.1
 ADMIN_KEY_FILE ?= build/admin-key
 CHAOS_ROUNDS ?= 2
 CHAOS_USERS ?= 4
+# The repository make chaos serves: the built-in models (make speed-repository for the random small ones).
+CHAOS_REPOSITORY ?= model_repository
 SOAK_REQUESTS ?= 2300
 SOAK_WARMUP ?= 1300
 SOAK_SIZE ?= tiny
@@ -147,7 +149,7 @@ gpu-wheels: setup
 # Fault injection under a mixed load of both families: kills every kind of stub CHAOS_ROUNDS times and
 # writes out/chaos/chaos.{md,csv} (faults, requests, failures by reason, time to recover per fault).
 chaos: repository
-	$(PY) -m loadtest.chaos --repository model_repository --devices $(DEVICES) --rounds $(CHAOS_ROUNDS) \
+	$(PY) -m loadtest.chaos --repository $(CHAOS_REPOSITORY) --devices $(DEVICES) --rounds $(CHAOS_ROUNDS) \
 		--users $(CHAOS_USERS) --out out/chaos
 
 # Soak: SOAK_REQUESTS requests of both families, every mode, mixed sizes, HTTP and gRPC, on the SOAK_SIZE

@@ -303,7 +303,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("load tests only target this machine (127.0.0.1, localhost or [::1])")
     from tools.triton_process import server_unless_given
 
-    with server_unless_given(args.repository, args.url, ready_timeout=600) as server:
+    args.out.mkdir(parents=True, exist_ok=True)
+    # The server's log stays with the report: each request stopped at its deadline is logged with its placement.
+    with server_unless_given(args.repository, args.url, ready_timeout=600,
+                             log_file=args.out / "tritonserver.log") as server:
         rows, header = asyncio.run(sweep(args, server.grpc_url if server is not None else args.url))
     if not rows:
         raise SystemExit("no level completed within --max-seconds")

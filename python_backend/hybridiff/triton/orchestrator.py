@@ -237,6 +237,10 @@ class TritonPythonModel:
         with self.board.occupy(choose, job, key) as occupancy:
             decided, loads = occupancy.decision
             if decided.refused is not None:
+                self.pb.Logger.log_info(
+                    f"{self.family.name}: refused at placement with {_seconds(seconds_left)} left (predicted "
+                    f"{_seconds(decided.predicted_s)}, loads {loads})"
+                )
                 raise Refused(decided.refused)
             placement = decided.placement
             placed = dataclasses.replace(
@@ -248,9 +252,18 @@ class TritonPythonModel:
             )
             devices = list(placement.devices)
             hooks = BoardHooks(occupancy, devices, cancelled, deadline, self.pb.Logger)
-            latents, report = await denoise_image(
-                self.family, self.latent_math, self.transport, branch_cond, placed, hooks
-            )
+            try:
+                latents, report = await denoise_image(
+                    self.family, self.latent_math, self.transport, branch_cond, placed, hooks
+                )
+            except RunStopped as stopped:
+                if stopped.code == "UNAVAILABLE":  # past its deadline: how it was placed, to check the policy by
+                    self.pb.Logger.log_warn(
+                        f"{self.family.name}: a request placed {placement.mode.value} on devices {devices} by the "
+                        f"{decided.rule} rule (predicted {_seconds(decided.predicted_s)}, {_seconds(denoise_s)} to "
+                        f"denoise, loads {loads}) ran past its deadline: {stopped}"
+                    )
+                raise
         summary = {"seed": image_request.seed, **report.as_dict(), "devices": devices, "loads_seen": loads,
                    "placed_by": decided.rule, "predicted_s": decided.predicted_s,
                    "deadline_left_s": None if seconds_left is None else round(seconds_left, 3)}
@@ -373,3 +386,7 @@ class TritonPythonModel:
             return error_response(str(err), err.code)
         schedule_tensor = self.pb.Tensor(wire.SCHEDULE.name, np.array(schedules, dtype=object))
         return self.pb.InferenceResponse(output_tensors=[image, schedule_tensor])
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
