@@ -35,9 +35,10 @@ EWMA_ALPHA = 0.2
 DEFAULT_PARALLEL_SPEEDUP = 1.6
 DEFAULT_BATCH_GAIN = 1.5
 # A prediction "meets" a deadline only with this much to spare: the model leaves out what a step costs
-# beyond its learned solo time (the other device's work on shared memory, board reads), and a request
-# stopped at its last step has cost all of its work for nothing (docs/overload.md).
-DEADLINE_MARGIN = 1.1
+# beyond its learned solo time (the other device computing slows a forward about 1.2x on this machine's
+# shared cores, the board reads, the front's polls), and a request stopped at its last step has cost all
+# of its work for nothing (docs/overload.md).
+DEADLINE_MARGIN = 1.2
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def arrival_refusal(own_s: float, deadline_s: float | None, running: Sequence[Ru
     start_s = finishes[min(rank, len(finishes)) - 1] if finishes else 0.0
     ahead_s = sum(r.remaining_s * len(set(r.devices)) for r in running) + sum(waiting_s)
     earliest_s = max(start_s, ahead_s / (num_up * costs.batch_gain)) + own_s
-    if earliest_s <= deadline_s:
+    if earliest_s * DEADLINE_MARGIN <= deadline_s:  # the margin placement will ask of it too
         return None
     return (
         f"{FULL}: the request cannot finish within its timeout behind the {held} requests the server holds "
