@@ -29,8 +29,8 @@ CHAOS_ROUNDS ?= 2
 CHAOS_USERS ?= 4
 # The repository make chaos serves: the built-in models (make speed-repository for the random small ones).
 CHAOS_REPOSITORY ?= model_repository
-SOAK_REQUESTS ?= 2300
-SOAK_WARMUP ?= 1300
+SOAK_REQUESTS ?= 4300
+SOAK_WARMUP ?= 3300
 SOAK_SIZE ?= tiny
 PROTOCOL ?= http
 MODE ?= hybrid
