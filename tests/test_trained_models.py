@@ -57,8 +57,9 @@ def test_serial_equals_diffusers_pipeline(family):
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
 def test_draws_held_out_prompts_and_guidance_matters(family):
     """Every held-out combination, two seeds each (16 images): colour and position right for at least 15 at the
-    default guidance, and the whole caption (colour, shape and position) right for at least 4 more images
-    than at guidance 1: trained on partly wrong captions, the model needs guidance to follow its prompt."""
+    default guidance and for more than at guidance 1, and the whole caption (colour, shape and position) right
+    for at least 4 more images than at guidance 1: trained on partly wrong captions, the model needs guidance to
+    follow its prompt (the wider margins, on more images: docs/training.md)."""
     local = LocalPipeline(family, folder(family), devices=1)
     placed, whole = {}, {}
     for guidance in (GUIDANCE[family], 1.0):
@@ -71,6 +72,7 @@ def test_draws_held_out_prompts_and_guidance_matters(family):
                 placed[guidance] += right
                 whole[guidance] += right and reading.shape == shape
     assert placed[GUIDANCE[family]] >= 2 * len(HELD_OUT_COMBINATIONS) - 1, placed
+    assert placed[GUIDANCE[family]] > placed[1.0], placed  # 16 vs 12 (SDXL) and 14 (SD3) at 9224750
     assert whole[GUIDANCE[family]] >= whole[1.0] + 4, whole
 
 
