@@ -9,7 +9,8 @@ request is a multiple of its latency alone in ``serial``, sent as the request's 
 ``auto`` can plan for it (one SLO scale per pass; ``--no-slo-timeout``: one pass without timeouts
 reports every scale); loads are fractions of the measured serial capacity (requests per second
 that ``devices`` closed-loop serial clients complete). Each level runs in ABBA halves
-(``loadtest/openloop_levels.py``). Writes openloop.csv, openloop.md, openloop.png.
+(``loadtest/openloop_levels.py``). Writes openloop.csv, openloop.md, openloop.png, and requests.csv: every
+offered request's outcome and, if served, its placement (predicted against actual loop seconds).
 
 asyncio with tritonclient's gRPC aio client, not Locust: Locust models users that wait for their
 answer (a closed loop); here one coroutine sleeps until each arrival time and fires the request as
@@ -33,6 +34,7 @@ from client.generate import build_inputs
 from loadtest.csvfile import write_csv
 from loadtest.openloop_levels import (
     MODES,
+    PLACEMENT_FIELDS,
     PROCESSES,
     PROMPTS,
     Half,
@@ -75,7 +77,9 @@ async def send(
             outputs=outputs, timeout=server_timeout, client_timeout=timeout_s,
         )
         schedule = json.loads(result.as_numpy("SCHEDULE").reshape(-1)[0])
-        return Outcome(offered.index, offered.key, sent - started, loop.time() - sent, "ok", schedule["mode_run"])
+        placed = {name: schedule.get(name) for name in PLACEMENT_FIELDS}
+        return Outcome(offered.index, offered.key, sent - started, loop.time() - sent, "ok", schedule["mode_run"],
+                       placed)
     except InferenceServerException as err:
         status = outcome_status(str(err.status()), str(err.message()))
         return Outcome(offered.index, offered.key, sent - started, loop.time() - sent, status)
@@ -215,7 +219,19 @@ def _commit() -> str:
         return "unknown"
 
 
-async def sweep(args, url: str) -> tuple[list[dict], str]:
+def request_row(process: str, load: float, slo_scale: float, mode: str, half: int, outcome: Outcome) -> dict:
+    """One offered request as requests.csv records it: its outcome and, if served, its placement."""
+    placed = outcome.placed or {}
+    return {
+        "process": process, "load": load, "slo_scale": slo_scale, "mode": mode, "half": half,
+        "index": outcome.index, "key": outcome.key, "sent_s": round(outcome.sent_s, 3),
+        "latency_s": round(outcome.latency_s, 3), "status": outcome.status, "mode_run": outcome.mode_run or "",
+        **{name: json.dumps(placed.get(name)) if isinstance(placed.get(name), list) else placed.get(name, "")
+           for name in PLACEMENT_FIELDS},
+    }
+
+
+async def sweep(args, url: str) -> tuple[list[dict], str, list[dict]]:
     commit = _commit()
     modes, loads = args.modes.split(","), [float(x) for x in args.loads.split(",")]
     processes, scales = args.processes.split(","), [float(x) for x in args.slo_scales.split(",")]
@@ -231,7 +247,7 @@ async def sweep(args, url: str) -> tuple[list[dict], str]:
         url, [distinct[k] for k in sorted(distinct)] * args.capacity_rounds, args.steps, args.devices, timeout_s)
     print(f"solo serial latency: {json.dumps({k: round(v, 3) for k, v in solo.items()})}; "
           f"serial capacity {capacity:.3f} requests/s", flush=True)
-    rows, partial, worst_lag = [], False, 0.0
+    rows, requests, partial, worst_lag = [], [], False, 0.0
     passes = [(process, sent, reported)
               for process in processes for sent, reported in slo_passes(scales, args.slo_timeout)]
     for process, sent_scale, reported in passes:
@@ -248,6 +264,7 @@ async def sweep(args, url: str) -> tuple[list[dict], str]:
                 outcomes, span, lag = await run_half(url, half, args.steps, timeout_s, slos)
                 worst_lag = max(worst_lag, lag)
                 halves[half.mode].append((outcomes, span))
+                requests += [request_row(process, load, sent_scale, half.mode, half.index, o) for o in outcomes]
                 counts = " ".join(f"{status}={sum(o.status == status for o in outcomes)}"
                                   for status in ("ok", "refused", "expired", "error"))
                 print(f"{process} slo={sent_scale} load={load} mode={half.mode} half={half.index} "
@@ -269,7 +286,7 @@ async def sweep(args, url: str) -> tuple[list[dict], str]:
         + f"; refusals, expiries and errors count as misses. Largest send lag {worst_lag * 1000:.0f} ms."
         + (" PARTIAL: --max-seconds ran out before every level ran." if partial else "")
     )
-    return rows, header
+    return rows, header, requests
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -307,7 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     # The server's log stays with the report: each request stopped at its deadline is logged with its placement.
     with server_unless_given(args.repository, args.url, ready_timeout=600,
                              log_file=args.out / "tritonserver.log") as server:
-        rows, header = asyncio.run(sweep(args, server.grpc_url if server is not None else args.url))
+        rows, header, requests = asyncio.run(sweep(args, server.grpc_url if server is not None else args.url))
+    if requests:
+        write_csv(args.out / "requests.csv", requests, list(requests[0]))
     if not rows:
         raise SystemExit("no level completed within --max-seconds")
     write_outputs(rows, args.out, header, [float(x) for x in args.slo_scales.split(",")])

@@ -101,6 +101,12 @@ class Outcome:
     latency_s: float  # until the answer (image, refusal or error)
     status: str  # "ok", "refused" (the server was full), "expired" (its timeout, the SLO, passed) or "error"
     mode_run: str | None = None
+    placed: dict | None = None  # a served request's placement as its schedule reports it (PLACEMENT_FIELDS)
+
+
+# What each served request's schedule says of how it was placed and how long its denoising loop took:
+# prediction against outcome, per request (requests.csv).
+PLACEMENT_FIELDS = ("placed_by", "devices", "loads_seen", "predicted_s", "loop_seconds", "deadline_left_s")
 
 
 # What the server says when a request's own timeout passed: Triton's queue ("Request timeout expired"),

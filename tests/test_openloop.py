@@ -155,6 +155,33 @@ def test_a_request_carries_its_slo_as_its_triton_timeout():
     assert client.kwargs[1]["timeout"] is None
 
 
+def test_a_served_request_keeps_its_placement_for_requests_csv():
+    """Each served request's schedule says how it was placed and how long its loop took (prediction against
+    outcome); a refused one has only its status."""
+    import asyncio
+
+    from loadtest.openloop import request_row, send
+
+    schedule = {"mode_run": "serial", "placed_by": "deadline", "devices": [1], "loads_seen": [1, 1],
+                "predicted_s": 2.1, "loop_seconds": 2.9, "deadline_left_s": 3.0, "rel_mae": [0.1]}
+
+    class Result:
+        def as_numpy(self, name):
+            return np.array([json.dumps(schedule).encode()], dtype=np.object_)
+
+    class Client:
+        async def infer(self, model, inputs, **kwargs):
+            return Result()
+
+    served = asyncio.run(send(Client(), Offered(3, 0.0, 0, 64), "auto", 4, 0.0, timeout_s=30.0, slo_s=3.5))
+    row = request_row("poisson", 1.5, 1.0, "auto", 0, served)
+    assert row["status"] == "ok" and row["mode_run"] == "serial" and row["index"] == 3
+    assert (row["predicted_s"], row["loop_seconds"], row["deadline_left_s"]) == (2.1, 2.9, 3.0)
+    assert json.loads(row["devices"]) == [1] and json.loads(row["loads_seen"]) == [1, 1]
+    refused = request_row("poisson", 1.5, 1.0, "auto", 1, Outcome(4, "a", 0.1, 0.02, "refused"))
+    assert refused["status"] == "refused" and refused["predicted_s"] == "" and refused["mode_run"] == ""
+
+
 def _row(mode: str, load: float, attainment: float, halves: list[float], goodput: float = 0.5, **extra) -> dict:
     return {"process": "poisson", "slo_scale": 1.5, "load": load, "mode": mode, "attainment": attainment,
             "attainment_halves": json.dumps(halves), "goodput_per_s": goodput, "refusal_max_s": 0.1,
