@@ -239,13 +239,11 @@ def overlap_latency(own_s: float, neighbours: Sequence[float | Neighbour], costs
 
 def keeps_pair(run: Running, costs: Costs) -> bool:
     """Whether a split ``auto`` run keeps both devices when another request shares one: only when going on
-    serially would make it late and keeping both would not, each with the margin every prediction keeps
-    (``DEADLINE_MARGIN``). Otherwise it gives one back (a split step costs more device time than a serial
-    one, and waits for the busier device)."""
+    serially would make it late and keeping both would not. Otherwise it gives one back (a split step
+    costs more device time than a serial one, and waits for the busier device)."""
     if run.deadline_s is None:
         return False
-    split_s = run.remaining_s * DEADLINE_MARGIN
-    return split_s * costs.parallel_speedup > run.deadline_s >= split_s
+    return run.remaining_s * costs.parallel_speedup > run.deadline_s >= run.remaining_s
 
 
 def yields(run: Running, costs: Costs) -> bool:
