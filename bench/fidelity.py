@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.quality import psnr, psnr_pooled, ssim
+from train.data import EVAL_SEED_BASE, HELD_OUT_COMBINATIONS, caption
 
 ABLATION_K = (0, 5, 10, 20, 30)
 FROZEN = " (frozen stage-1 feed)"
@@ -57,7 +58,7 @@ def configs(ks: tuple[int, ...], frozen_feed: bool, default_k: int) -> list[Conf
 
 
 def run_all(family: str, checkpoint: Path, runs: list[Config], per_prompt: int, steps: int | None,
-            size: int | None = None, seed_base: int = 1000) -> dict:
+            size: int | None = None, seed_base: int = EVAL_SEED_BASE) -> dict:
     """Every prompt in every config (configs interleaved per prompt, so drift hits them alike); image ``i``
     has seed ``seed_base + i``."""
     import torch
@@ -66,7 +67,6 @@ def run_all(family: str, checkpoint: Path, runs: list[Config], per_prompt: int, 
     from hybridiff.local import LocalPipeline
     from hybridiff.loop import ImageRequest
     from hybridiff.schedule import Mode
-    from train.data import HELD_OUT_COMBINATIONS, caption
 
     torch.set_num_threads(1)
     pipe = LocalPipeline(family, checkpoint, devices=2, threaded=True)
@@ -92,7 +92,7 @@ def run_all(family: str, checkpoint: Path, runs: list[Config], per_prompt: int, 
             results[config.label]["images"].append(image)
             results[config.label]["schedules"].append(report.schedule)
     pipe.transport = correct
-    return {"pipe": pipe, "prompts": prompts, "request": base, "results": results, "seed_base": seed_base}
+    return {"pipe": pipe, "prompts": prompts, "request": base, "results": results}
 
 
 def summarize(prompts: list[str], results: dict, ideal_latency) -> dict:
@@ -168,7 +168,7 @@ def markdown(header: str, rows: dict, default_k: int) -> list[str]:
 
 
 def rel_mae_curves(family: str, checkpoint: Path, request, prompts: list[str],
-                   seed_base: int = 1000) -> list[list[float]]:
+                   seed_base: int = EVAL_SEED_BASE) -> list[list[float]]:
     """cfg_parallel's rel-MAE per step (the curve hybrid's slope test reads) for each prompt."""
     from hybridiff.local import LocalPipeline
     from hybridiff.schedule import Mode
@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ks", type=int, nargs="*", default=list(ABLATION_K))
     parser.add_argument("--frozen-feed", action="store_true",
                         help="SD3: also run hybrid with the reference's frozen stage-1 feed (bench/frozen_feed.py)")
-    parser.add_argument("--seed-base", type=int, default=1000,
-                        help="seed of the first image (1000: the seeds the shipped models were chosen on)")
+    parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE,
+                        help="seed of the first image (default: the seeds the shipped models were chosen on)")
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.data import HELD_OUT_COMBINATIONS, TRAIN_COMBINATIONS, caption
+from train.data import EVAL_SEED_BASE, HELD_OUT_COMBINATIONS, TRAIN_COMBINATIONS, caption
 from train.score import score
 
 
@@ -38,7 +38,7 @@ def sample(pipe, prompts: list[str], guidance: float, steps: int, size: int, see
 
 def evaluate(family: str, folder: Path, guidances: Sequence[float], steps: int = 25, per_prompt: int = 4,
              split: str = "held_out", size: int = 32, grid: Path | None = None,
-             seed_base: int = 1000) -> dict[str, dict[str, float]]:
+             seed_base: int = EVAL_SEED_BASE) -> dict[str, dict[str, float]]:
     """Adherence per guidance scale over every combination of ``split``, ``per_prompt`` seeds each (image ``i``
     seeded ``seed_base + i``)."""
     combos = HELD_OUT_COMBINATIONS if split == "held_out" else TRAIN_COMBINATIONS
@@ -83,7 +83,8 @@ def compare_modes(family: str, folder: Path, modes: Sequence[str], steps: int | 
     for mode in ["serial", *[m for m in modes if m != "serial"]]:
         images[mode], sources = [], []
         for i, prompt in enumerate(prompts):
-            image, report, _ = pipe.generate(prompt, dataclasses.replace(base, seed=1000 + i, mode=Mode(mode)))
+            request = dataclasses.replace(base, seed=EVAL_SEED_BASE + i, mode=Mode(mode))
+            image, report, _ = pipe.generate(prompt, request)
             images[mode].append(image)
             sources.append(str(report.schedule.get("tau_source")))
         results[mode] = {**score(images[mode], prompts), "psnr_vs_serial": psnr_pooled(images["serial"], images[mode]),
@@ -103,8 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--per-prompt", type=int, default=4)
     parser.add_argument("--split", choices=["held_out", "train"], default="held_out")
-    parser.add_argument("--seed-base", type=int, default=1000,
-                        help="seed of the first image (1000: the seeds the shipped models were chosen on)")
+    parser.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE,
+                        help="seed of the first image (default: the seeds the shipped models were chosen on)")
     parser.add_argument("--grid", type=Path, default=None, help="PNG: one row per guidance, one image per prompt")
     parser.add_argument("--modes", nargs="+", default=None,
                         help="instead: compare these modes at the checkpoint's defaults (--steps 0: default steps)")
